@@ -1,0 +1,182 @@
+"""Typed configuration: one frozen dataclass per stage, composed into `RunConfig`.
+
+Configs load from YAML plus `key=value` overrides (`ingest.min_user_events=5`). Unknown keys fail
+loudly with the list of valid ones, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recsys_pretrain.data.synthetic import SynthConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    format: str = "generic"  # generic | movielens | sasrec | taobao | retailrocket
+    # generic format only: canonical column -> column name in the source (missing = same name)
+    columns: dict[str, str] = field(default_factory=dict)
+    id_type: str = "str"  # generic format only: "str" keeps ids as text, "int" requires integers
+    # "epoch_s" | "epoch_ms" | "epoch_us" | "iso" (ISO 8601 text) | any strftime format
+    timestamp_format: str = "epoch_s"
+    # valid time window; None = the format's own window, else 1990-01-01..2100-01-01 UTC
+    min_time: str | None = None
+    max_time: str | None = None
+    event_aliases: dict[str, str] = field(default_factory=dict)  # added to schema.DEFAULT_EVENT_ALIASES
+    dedupe: bool = True  # drop exact repeats of (user, item, timestamp, event_type)
+    min_user_events: int = 0  # k-core filter, applied iteratively with min_item_events until stable
+    min_item_events: int = 0
+    partition_rows: int = 8_000_000  # above this many events, sort and dedupe in user ranges (bounded memory)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    # events that count as interactions in sequences and the matrix (impressions are exposure, not interest)
+    sequence_event_types: tuple[str, ...] = ("click", "add_to_cart", "favorite", "purchase", "rating")
+    collapse_repeats: bool = False  # merge consecutive repeats of one item in a sequence
+    # weight of each event type in the user x item matrix; repeats add up
+    event_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "click": 1.0,
+            "add_to_cart": 2.0,
+            "favorite": 2.0,
+            "purchase": 4.0,
+            "rating": 1.0,
+        }
+    )
+    # global temporal split: ISO time, or a quantile of event times in (0, 1) written as a number
+    temporal_cutoff: str | float = 0.9
+    min_train_items: int = 1  # users need at least this many training items to get validation/test targets
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    data_dir: str = "data"
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Coerce a YAML or override value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _convert(arm, value, key)
+            except (ConfigError, TypeError, ValueError) as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of {tp}")
+    if origin is tuple:
+        (inner, *_rest) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return tuple(_convert(inner, v, key) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _convert(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
+    return cls(**{k: _convert(hints[k], v, prefix + k) for k, v in data.items()})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the shape MLflow params want."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings (value parsed as YAML) onto a nested mapping, returning a new one."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,118 @@
+"""Raw id <-> dense index for users and items. The padding and mask indices are owned here alone.
+
+Items: PAD = 0, real items 1..n_items, MASK = n_items + 1 (so an embedding table has n_items + 2 rows).
+Users: 0..n_users - 1. Raw ids keep the type they were given (int or str) and are stored sorted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys_pretrain.io import write_json
+
+PAD = 0
+
+
+@dataclass(frozen=True)
+class Vocab:
+    users: pl.Series  # raw user ids, sorted; position = user index
+    items: pl.Series  # raw item ids, sorted; position + 1 = item index
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def pad(self) -> int:
+        return PAD
+
+    @property
+    def mask(self) -> int:
+        return self.n_items + 1
+
+    @property
+    def n_item_tokens(self) -> int:
+        """Rows an item embedding table needs: padding, the items, the mask."""
+        return self.n_items + 2
+
+    @classmethod
+    def from_ids(cls, users: pl.Series, items: pl.Series) -> Vocab:
+        return cls(users=users.unique().sort().rename("user_id"), items=items.unique().sort().rename("item_id"))
+
+    # ---- lookups: vectorised binary search over the sorted ids -------------------------------------
+    def user_index(self, raw: pl.Series | list, strict: bool = True) -> np.ndarray:
+        return _lookup(self.users, raw, offset=0, strict=strict, kind="user")
+
+    def item_index(self, raw: pl.Series | list, strict: bool = True) -> np.ndarray:
+        return _lookup(self.items, raw, offset=1, strict=strict, kind="item")
+
+    def user_index_expr(self, col: str) -> pl.Expr:
+        return pl.lit(self.users).search_sorted(pl.col(col)).cast(pl.UInt32)
+
+    def item_index_expr(self, col: str) -> pl.Expr:
+        return (pl.lit(self.items).search_sorted(pl.col(col)) + 1).cast(pl.UInt32)
+
+    def user_ids(self, index: np.ndarray) -> list:
+        return self.users.gather(np.asarray(index, dtype=np.int64)).to_list()
+
+    def item_ids(self, index: np.ndarray) -> list:
+        idx = np.asarray(index, dtype=np.int64)
+        if ((idx < 1) | (idx > self.n_items)).any():
+            raise ValueError("item index out of range (0 is padding, n_items + 1 is the mask)")
+        return self.items.gather(idx - 1).to_list()
+
+    # ---- persistence --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        return write_json(
+            path,
+            {
+                "id_dtype": {"user": str(self.users.dtype), "item": str(self.items.dtype)},
+                "pad": PAD,
+                "mask": self.mask,
+                "n_users": self.n_users,
+                "n_items": self.n_items,
+                "users": self.users.to_list(),
+                "items": self.items.to_list(),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocab:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "vocab.json"
+        data = json.loads(path.read_text())
+        dt = {"Int64": pl.Int64, "String": pl.String}
+        users = pl.Series("user_id", data["users"], dtype=dt[data["id_dtype"]["user"]])
+        items = pl.Series("item_id", data["items"], dtype=dt[data["id_dtype"]["item"]])
+        vocab = cls(users=users, items=items)
+        if vocab.mask != data["mask"]:
+            raise ValueError(f"{path}: mask index {data['mask']} does not match {vocab.n_items} items")
+        return vocab
+
+
+def _lookup(ids: pl.Series, raw: pl.Series | list, offset: int, strict: bool, kind: str) -> np.ndarray:
+    """Dense indices for raw ids; unknown ids raise (strict) or map to -1."""
+    raw = pl.Series(raw) if not isinstance(raw, pl.Series) else raw
+    try:
+        raw = raw.cast(ids.dtype, strict=True)
+    except pl.exceptions.InvalidOperationError:
+        if strict:
+            raise KeyError(f"{kind} ids {raw.head(5).to_list()} are not of type {ids.dtype}") from None
+        return np.full(len(raw), -1, dtype=np.int64)
+    pos = ids.search_sorted(raw).to_numpy().astype(np.int64)  # insertion points into the sorted ids
+    found = pos < len(ids)
+    found[found] = ids.gather(pos[found]).to_numpy() == raw.filter(pl.Series(found)).to_numpy()
+    if strict and not found.all():
+        missing = raw.filter(pl.Series(~found)).head(5).to_list()
+        raise KeyError(f"unknown {kind} id(s) {missing}")
+    return np.where(found, pos + offset, -1)
