@@ -130,7 +130,8 @@ class Source:
                 new_columns=["_line"], infer_schema=False, empty_string_is_null=False,
             )
             fields = [line.str.json_path_match(f"$['{c}']").alias(c) for c in self.raw_columns]
-            parsed_ok = line.str.json_path_match("$").is_not_null().alias("_json_ok")
+            # A blank line counts as parsed (it is quarantined as an empty row); anything else must be JSON.
+            parsed_ok = (line.is_null() | line.str.json_path_match("$").is_not_null()).alias("_json_ok")
             return lf.with_row_index(S.SOURCE_ROW, offset=1).select(S.SOURCE_ROW, *fields, parsed_ok)
         lf = pl.scan_csv(
             self.read_path,

@@ -84,7 +84,8 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
     def text(canonical: str) -> pl.Expr:
         if canonical not in cols:
             return pl.lit(None, dtype=pl.String)
-        return pl.col(cols[canonical]).str.strip_chars()
+        t = pl.col(cols[canonical]).str.strip_chars()
+        return pl.when(t.str.len_bytes() > 0).then(t)  # blank text is missing, quoted or not
 
     def ident(canonical: str) -> pl.Expr:
         t = text(canonical)
@@ -117,12 +118,13 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
     )
     mapped = [pl.col(s) for s in cols.values()]
     empty = pl.all_horizontal([m.is_null() for m in mapped])
-    reason = pl.when(empty).then(pl.lit("empty_row"))
     if src.kind == "ndjson":
-        reason = reason.when(~pl.col("_json_ok")).then(pl.lit("malformed_row"))
+        reason = pl.when(~pl.col("_json_ok")).then(pl.lit("malformed_row")).when(empty).then(pl.lit("empty_row"))
+    else:
+        reason = pl.when(empty).then(pl.lit("empty_row"))
     reason = (
-        reason.when(text(S.USER_ID).is_null() | (text(S.USER_ID) == "")).then(pl.lit("missing_user_id"))
-        .when(text(S.ITEM_ID).is_null() | (text(S.ITEM_ID) == "")).then(pl.lit("missing_item_id"))
+        reason.when(text(S.USER_ID).is_null()).then(pl.lit("missing_user_id"))
+        .when(text(S.ITEM_ID).is_null()).then(pl.lit("missing_item_id"))
         .when(pl.col("_c_user").is_null()).then(pl.lit("bad_user_id"))
         .when(pl.col("_c_item").is_null()).then(pl.lit("bad_item_id"))
     )
