@@ -78,7 +78,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (typing.Union, types.UnionType):
         errors = []
-        for arm in typing.get_args(tp):
+        # An arm the value already is wins (0.8 stays a float in `str | float`).
+        arms = sorted(typing.get_args(tp), key=lambda a: 0 if isinstance(a, type) and type(value) is a else 1)
+        for arm in arms:
             if arm is type(None):
                 if value is None:
                     return None
