@@ -115,12 +115,24 @@ class Source:
     kind: str  # csv | parquet | ndjson
     read_path: Path  # the file actually scanned (a decompressed copy for .gz)
     raw_columns: list[str] = field(default_factory=list)
+    estimated_rows: int = 0  # exact for Parquet; from the size for text (an overestimate for usual rows)
 
-    def scan(self) -> pl.LazyFrame:
-        """Source columns as text plus `source_row` (1-based)."""
+    def typed_columns(self) -> dict[str, pl.DataType]:
+        """Source columns that may be parsed as numbers by the reader itself (the fast path)."""
+        spec, out = self.spec, {}
+        if spec.id_type == "int":
+            out.update({spec.columns[c]: pl.Int64 for c in (S.USER_ID, S.ITEM_ID)})
+        if spec.timestamp_format in ("epoch_s", "epoch_ms", "epoch_us"):
+            out[spec.columns[S.TIMESTAMP]] = pl.Int64
+        if S.VALUE in spec.columns:
+            out[spec.columns[S.VALUE]] = pl.Float64
+        return {k: v for k, v in out.items() if k in self.raw_columns}
+
+    def scan(self, typed: bool = False) -> pl.LazyFrame:
+        """Source columns plus `source_row` (1-based). Text, unless `typed` (CSV: ids, epoch times and
+        values parsed by the reader, failing on the first bad value) or the file carries types (Parquet)."""
         if self.kind == "parquet":
-            lf = pl.scan_parquet(self.read_path).select(pl.all().cast(pl.String))
-            return lf.with_row_index(S.SOURCE_ROW, offset=1)
+            return pl.scan_parquet(self.read_path).with_row_index(S.SOURCE_ROW, offset=1)
         if self.kind == "ndjson":
             # One text column per line, fields pulled out with JSON paths: a malformed line yields nulls
             # (and is quarantined) instead of failing the whole file.
@@ -140,6 +152,7 @@ class Source:
             separator=self.spec.separator or ",",
             quote_char=self.spec.quote_char,
             infer_schema=False,
+            schema_overrides=self.typed_columns() if typed else None,
             truncate_ragged_lines=True,
             encoding="utf8",
         )
@@ -261,4 +274,6 @@ def open_source(path: str | Path, spec: FormatSpec, workdir: Path) -> Source:
     if missing:
         raise IngestError(f"{shown}: missing required column(s) {missing}; found columns {found}")
     raw_columns = [c for c in found if not c.startswith("_sep")]
-    return Source(path=shown, spec=spec, kind=kind, read_path=read_path, raw_columns=raw_columns)
+    estimated = n_rows if kind == "parquet" else read_path.stat().st_size // 24
+    return Source(path=shown, spec=spec, kind=kind, read_path=read_path, raw_columns=raw_columns,
+                  estimated_rows=estimated)

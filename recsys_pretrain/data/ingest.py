@@ -59,11 +59,13 @@ def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
-def _timestamp_expr(raw: pl.Expr, fmt: str, lo: datetime, hi: datetime) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """(timestamp, parsed, in range) from a text column, for any supported timestamp format."""
+def _timestamp_expr(
+    raw: pl.Expr, is_text: bool, fmt: str, lo: datetime, hi: datetime
+) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(timestamp, parsed, in range) from a text or integer column, for any supported timestamp format."""
     if fmt in _EPOCH_UNITS:
         unit, per_s = _EPOCH_UNITS[fmt]
-        n = raw.str.to_integer(strict=False)
+        n = raw.str.to_integer(strict=False) if is_text else raw.cast(pl.Int64, strict=False)
         # Range-check the integer before converting, so absurd values cannot overflow the conversion.
         in_range = n.is_between(int(lo.timestamp()) * per_s, int(hi.timestamp()) * per_s)
         ts = pl.when(in_range).then(pl.from_epoch(n, unit)).cast(S.TIMESTAMP_DTYPE)
@@ -80,16 +82,25 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
     """Add canonical columns (prefixed `_c_`) and a `reason` (null for a valid row) to a raw scan."""
     spec = src.spec
     cols = {c: s for c, s in spec.columns.items() if s in src.raw_columns}
+    dtypes = lf.collect_schema()
+
+    def is_text(canonical: str) -> bool:
+        return canonical not in cols or dtypes[cols[canonical]] == pl.String
 
     def text(canonical: str) -> pl.Expr:
+        """The raw value, null when missing; text is stripped (typed columns come from a typed scan)."""
         if canonical not in cols:
             return pl.lit(None, dtype=pl.String)
+        if not is_text(canonical):
+            return pl.col(cols[canonical])
         t = pl.col(cols[canonical]).str.strip_chars()
         return pl.when(t.str.len_bytes() > 0).then(t)  # blank text is missing, quoted or not
 
     def ident(canonical: str) -> pl.Expr:
         t = text(canonical)
-        return t.str.to_integer(strict=False) if spec.id_type == "int" else t
+        if spec.id_type == "int":
+            return t.str.to_integer(strict=False) if is_text(canonical) else t.cast(pl.Int64, strict=False)
+        return t if is_text(canonical) else t.cast(pl.String)
 
     lo = _parse_time(cfg.min_time or spec.min_time or DEFAULT_MIN_TIME)
     hi = _parse_time(cfg.max_time or spec.max_time or DEFAULT_MAX_TIME)
@@ -99,7 +110,7 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
         raise IngestError(f"event_aliases map onto unknown event types {bad_targets}; known: {S.EVENT_TYPES}")
 
     if spec.timestamp_format is not None:
-        ts, ts_parsed, ts_ok = _timestamp_expr(text(S.TIMESTAMP), spec.timestamp_format, lo, hi)
+        ts, ts_parsed, ts_ok = _timestamp_expr(text(S.TIMESTAMP), is_text(S.TIMESTAMP), spec.timestamp_format, lo, hi)
     else:
         ts, ts_parsed, ts_ok = pl.lit(None, dtype=S.TIMESTAMP_DTYPE), pl.lit(True), pl.lit(True)
     if S.EVENT_TYPE in cols:
@@ -147,7 +158,7 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
 def _canonical(src: Source) -> list[pl.Expr]:
     cols = {c: s for c, s in src.spec.columns.items() if s in src.raw_columns}
     optional = [
-        (pl.col(cols[c]).str.strip_chars() if c in cols else pl.lit(None, dtype=pl.String)).alias(c)
+        (pl.col(cols[c]).cast(pl.String).str.strip_chars() if c in cols else pl.lit(None, dtype=pl.String)).alias(c)
         for c in (S.SESSION_ID, S.CATEGORY_ID)
     ]
     return [
@@ -168,66 +179,145 @@ def _quarantine_columns(src: Source, file_idx: int) -> list[pl.Expr]:
         pl.col(S.SOURCE_ROW).cast(pl.UInt64),
         pl.col(S.REASON),
         pl.col(S.REASON).replace_strict(S.REASON_FIELD, default=None, return_dtype=pl.String).alias("field"),
-        *[pl.col(c) for c in src.raw_columns],
+        *[pl.col(c).cast(pl.String) for c in src.raw_columns],
     ]
 
 
-def _split_valid_invalid(sources: list[Source], cfg: IngestConfig, work: Path) -> None:
-    """One streaming pass per file: valid rows (typed) and quarantined rows (as read) to Parquet."""
+def _split_valid_invalid(
+    sources: list[Source], cfg: IngestConfig, work: Path, in_memory: bool
+) -> tuple[pl.LazyFrame, list[int]]:
+    """One pass per file: quarantined rows (as read) stream to Parquet; valid rows (typed) are kept in
+    memory when the inputs are small enough, else streamed to Parquet too. Returns the valid rows and
+    the count of valid rows per file."""
+    frames, counts = [], []
     for i, src in enumerate(sources):
-        parsed = _parse(src.scan(), src, cfg, i)
-        valid = parsed.filter(pl.col(S.REASON).is_null()).select(_canonical(src))
-        bad = parsed.filter(pl.col(S.REASON).is_not_null()).select(_quarantine_columns(src, i))
-        try:
-            pl.collect_all(
-                [
-                    valid.sink_parquet(work / f"valid-{i:05d}.parquet", lazy=True),
-                    bad.sink_parquet(work / f"bad-{i:05d}.parquet", lazy=True),
-                ],
-                engine="streaming",
-            )
-        except pl.exceptions.PolarsError as exc:
-            raise IngestError(f"{src.path}: cannot be read as {src.spec.name}/{src.kind}: {exc}") from None
+        # Typed first: Polars' own number parser is much faster than text -> integer. A file with any
+        # value that does not parse fails that scan, and is read again as text, where the bad rows are
+        # found one by one and quarantined.
+        for typed in (True, False) if src.kind == "csv" else (False,):
+            parsed = _parse(src.scan(typed=typed), src, cfg, i)
+            valid = parsed.filter(pl.col(S.REASON).is_null()).select(_canonical(src))
+            bad = parsed.filter(pl.col(S.REASON).is_not_null()).select(_quarantine_columns(src, i))
+            valid_path = work / f"valid-{i:05d}.parquet"
+            try:
+                out = pl.collect_all(
+                    [valid if in_memory else valid.sink_parquet(valid_path, lazy=True),
+                     bad.sink_parquet(work / f"bad-{i:05d}.parquet", lazy=True)],
+                    engine="streaming",
+                )
+                break
+            except pl.exceptions.PolarsError as exc:
+                if not typed:
+                    raise IngestError(f"{src.path}: cannot be read as {src.spec.name}/{src.kind}: {exc}") from None
+        if in_memory:
+            frames.append(out[0])
+            counts.append(out[0].height)
+        else:
+            frames.append(pl.scan_parquet(valid_path))
+            counts.append(pl.scan_parquet(valid_path).select(pl.len()).collect().item())
+    valid_all = pl.concat([f.lazy() for f in frames]) if in_memory else pl.concat(frames)
+    return valid_all, counts
 
 
-def _user_ranges(valid: pl.LazyFrame, max_rows: int) -> list[tuple[object, object]]:
-    """Split users (sorted by raw id) into contiguous ranges of at most ~max_rows events each."""
-    counts = valid.group_by(S.USER_ID).len().sort(S.USER_ID).collect(engine="streaming")
-    if counts.is_empty():
+def _vocab_of(events: pl.LazyFrame) -> Vocab:
+    users = events.select(pl.col(S.USER_ID).unique()).collect(engine="streaming").to_series()
+    items = events.select(pl.col(S.ITEM_ID).unique()).collect(engine="streaming").to_series()
+    return Vocab.from_ids(users, items)
+
+
+def _with_index(events: pl.LazyFrame, vocab: Vocab) -> pl.LazyFrame:
+    """Add user_idx and item_idx (a hash join on the vocab: faster than a binary search per row)."""
+    users = pl.LazyFrame({S.USER_ID: vocab.users}).with_row_index(S.USER_IDX)
+    items = pl.LazyFrame({S.ITEM_ID: vocab.items}).with_row_index(S.ITEM_IDX, offset=1)
+    return events.join(users, on=S.USER_ID, how="left", maintain_order="left").join(
+        items, on=S.ITEM_ID, how="left", maintain_order="left"
+    )
+
+
+def _sort_events(df: pl.DataFrame) -> pl.DataFrame:
+    """Sort by user, then time; ties keep input order (rows arrive in input order, the sort is stable).
+
+    Logs are often written user by user already: checking that is one vectorised pass, a sort is many.
+    """
+    u, t = pl.col(S.USER_IDX), pl.col(S.TIMESTAMP).to_physical().fill_null(0)  # no times: file order
+    ordered = (u > u.shift(1)) | ((u == u.shift(1)) & (t >= t.shift(1)))
+    if df.height < 2 or df.select(ordered.slice(1).all()).item():
+        return df
+    return df.sort([S.USER_IDX, S.TIMESTAMP], nulls_last=False, maintain_order=True)
+
+
+def _user_ranges(indexed: pl.LazyFrame, n_users: int, max_rows: int) -> list[tuple[int, int]]:
+    """Contiguous user-index ranges holding at most ~max_rows events each (one range if all fit)."""
+    counts = indexed.group_by(S.USER_IDX).len().collect(engine="streaming")
+    per_user = np.zeros(n_users, dtype=np.int64)
+    per_user[counts[S.USER_IDX].to_numpy()] = counts["len"].to_numpy()
+    cum = np.cumsum(per_user)
+    if n_users == 0:
         return []
-    cum = counts["len"].cast(pl.Int64).cum_sum().to_numpy()
-    cut = np.searchsorted(cum, np.arange(max_rows, cum[-1], max_rows), side="right")
-    starts = np.unique(np.concatenate([[0], cut]))
-    users = counts[S.USER_ID]
-    bounds = []
-    for k, s in enumerate(starts):
-        e = starts[k + 1] - 1 if k + 1 < len(starts) else len(users) - 1
-        bounds.append((users[int(s)], users[int(e)]))
-    return bounds
+    cuts = np.searchsorted(cum, np.arange(max_rows, cum[-1], max_rows), side="right")
+    starts = np.unique(np.concatenate([[0], cuts]))
+    ends = np.append(starts[1:], n_users) - 1
+    return [(int(lo), int(hi)) for lo, hi in zip(starts, ends, strict=True)]
 
 
-def _sort_dedupe(valid: pl.LazyFrame, cfg: IngestConfig, has_time: bool, work: Path) -> tuple[list[Path], int]:
-    """Sort by user, time, input order and drop exact repeats, one user range at a time."""
-    key = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE]
-    parts, n_dup = [], 0
-    ranges = _user_ranges(valid, cfg.partition_rows)
+def _drop_repeats(df: pl.DataFrame) -> pl.DataFrame:
+    """Drop exact repeats of (user, item, timestamp, event_type), keeping the first in input order.
+
+    `df` is sorted by user, time, input order, so repeats sit in runs of one user and one timestamp;
+    only rows in such runs are checked, by one 64-bit key: (run number, item, event type).
+    """
+    u, t = pl.col(S.USER_IDX), pl.col(S.TIMESTAMP)
+    new_run = ~((u == u.shift(1)) & (t == t.shift(1))).fill_null(False)
+    in_run = ~new_run | ~new_run.shift(-1, fill_value=True)
+    flags = df.select(new_run.alias("new"), in_run.alias("in")).to_numpy()
+    candidates = np.flatnonzero(flags[:, 1])
+    if len(candidates) == 0:
+        return df
+    run = np.cumsum(flags[:, 0])[candidates].astype(np.uint64)  # (n_candidates,)
+    item = df[S.ITEM_IDX].to_numpy()[candidates].astype(np.uint64)
+    event = df[S.EVENT_TYPE].to_physical().to_numpy()[candidates].astype(np.uint64)
+    if run.max() < 2**32 and item.max() < 2**29:
+        key = pl.Series((run << np.uint64(32)) | (item << np.uint64(3)) | event)
+        first = key.is_first_distinct().to_numpy()
+    else:  # catalogues beyond 2^29 items: hash the columns instead
+        first = pl.DataFrame({"r": run, "i": item, "e": event}).select(
+            pl.struct("r", "i", "e").is_first_distinct()).to_series().to_numpy()
+    if first.all():
+        return df  # nothing to drop: spare the copy of every column
+    keep = np.ones(df.height, dtype=bool)
+    keep[candidates[~first]] = False
+    return df.filter(pl.Series(keep))
+
+
+def _sort_dedupe(
+    indexed: pl.LazyFrame, n_users: int, cfg: IngestConfig, has_time: bool, path: Path, columns: list[str]
+) -> int:
+    """Write `indexed` to `path` sorted by user, time, input order, minus exact repeats; return the
+    number of repeats. Works one user range at a time, so memory is bounded by `partition_rows`."""
+    ranges = _user_ranges(indexed, n_users, cfg.partition_rows) if n_users else []
+    n_dup, parts = 0, []
     for k, (lo, hi) in enumerate(ranges):
-        part = valid if len(ranges) == 1 else valid.filter(pl.col(S.USER_ID).is_between(pl.lit(lo), pl.lit(hi)))
-        df = part.collect(engine="streaming")
-        df = df.sort([S.USER_ID, S.TIMESTAMP, *_ORDER], nulls_last=False, multithreaded=True)
+        part = indexed if len(ranges) == 1 else indexed.filter(pl.col(S.USER_IDX).is_between(lo, hi))
+        df = _sort_events(part.collect(engine="streaming"))
         if cfg.dedupe and has_time:
             n = df.height
-            df = df.filter(pl.struct(key).is_first_distinct())
+            df = _drop_repeats(df)
             n_dup += n - df.height
-        path = work / f"part-{k:05d}.parquet"
-        df.write_parquet(path)
-        parts.append(path)
-    return parts, n_dup
+        parts.append(path.with_name(f"{path.stem}-{k:05d}.parquet"))
+        df.select(columns).write_parquet(parts[-1])
+        del df
+    if len(parts) == 1:
+        parts[0].rename(path)
+    elif parts:
+        pl.scan_parquet(parts).sink_parquet(path, engine="streaming")  # a streaming concatenation
+    else:  # no valid rows at all: still write the (empty) frame with its schema
+        indexed.head(0).select(columns).collect().write_parquet(path)
+    return n_dup
 
 
-def _kcore(parts: list[Path], cfg: IngestConfig) -> tuple[pl.DataFrame, int]:
+def _kcore(path: Path, cfg: IngestConfig) -> tuple[pl.DataFrame, int]:
     """Iteratively drop users and items below the minimum counts; return the dropped rows' keys and reasons."""
-    df = pl.scan_parquet(parts).select(S.USER_ID, S.ITEM_ID, *_ORDER).collect()
+    df = pl.scan_parquet(path).select(S.USER_IDX, S.ITEM_IDX, *_ORDER).collect()
     keep = np.ones(df.height, dtype=bool)
     reason = np.full(df.height, None, dtype=object)
     iterations = 0
@@ -237,8 +327,8 @@ def _kcore(parts: list[Path], cfg: IngestConfig) -> tuple[pl.DataFrame, int]:
         idx = np.flatnonzero(keep)
         removed = False
         for col, k, why in (
-            (S.USER_ID, cfg.min_user_events, "below_min_user_events"),
-            (S.ITEM_ID, cfg.min_item_events, "below_min_item_events"),
+            (S.USER_IDX, cfg.min_user_events, "below_min_user_events"),
+            (S.ITEM_IDX, cfg.min_item_events, "below_min_item_events"),
         ):
             if k <= 1:
                 continue
@@ -278,29 +368,38 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
         work.mkdir()
         sources = [open_source(p, spec, work) for p in inputs]  # every file-level check before any work
         has_time = all(s.spec.timestamp_format is not None for s in sources)
-        _split_valid_invalid(sources, cfg, work)
-
-        valid = pl.scan_parquet(sorted(work.glob("valid-*.parquet")))
+        # Small inputs stay in memory between the passes; large ones go through Parquet in user ranges.
+        in_memory = sum(src.estimated_rows for src in sources) <= cfg.partition_rows
+        valid, n_valid_per_file = _split_valid_invalid(sources, cfg, work, in_memory)
         bad_paths = sorted(work.glob("bad-*.parquet"))
         per_file = []
         for i, src in enumerate(sources):
-            n_valid = pl.scan_parquet(work / f"valid-{i:05d}.parquet").select(pl.len()).collect().item()
+            n_valid = n_valid_per_file[i]
             n_bad = pl.scan_parquet(work / f"bad-{i:05d}.parquet").select(pl.len()).collect().item()
             per_file.append({"file": str(src.path), "format": src.spec.name, "kind": src.kind,
                              "rows_read": n_valid + n_bad, "rows_quarantined_at_parse": n_bad})
         rows_read = sum(f["rows_read"] for f in per_file)
 
-        parts, n_dup = _sort_dedupe(valid, cfg, has_time, work)
+        # Repeats share their user and item with a kept row, so the vocab of the valid rows is final
+        # unless k-core removes some; then it is rebuilt and the indices mapped again.
+        vocab = _vocab_of(valid)
+        use_kcore = cfg.min_user_events > 1 or cfg.min_item_events > 1
+        final_columns = [*S.CANONICAL_COLUMNS, S.USER_IDX, S.ITEM_IDX]
+        sorted_path = work / "sorted.parquet" if use_kcore else stage / "events.parquet"
+        columns = final_columns + list(_ORDER) if use_kcore else final_columns
+        n_dup = _sort_dedupe(_with_index(valid, vocab), vocab.n_users, cfg, has_time, sorted_path, columns)
         kcore = {"min_user_events": cfg.min_user_events, "min_item_events": cfg.min_item_events,
                  "rows_removed": 0, "iterations": 0}
-        events = pl.scan_parquet(parts) if parts else valid.head(0)
         quarantine_parts = [pl.scan_parquet(p) for p in bad_paths]
-        if parts and (cfg.min_user_events > 1 or cfg.min_item_events > 1):
-            dropped, iterations = _kcore(parts, cfg)
+        if use_kcore:
+            events = pl.scan_parquet(sorted_path)
+            dropped, iterations = _kcore(sorted_path, cfg)
             kcore.update(rows_removed=dropped.height, iterations=iterations)
             if dropped.height:
                 events = events.join(dropped.lazy().select(*_ORDER), on=list(_ORDER), how="anti",
                                      maintain_order="left")
+                vocab = _vocab_of(events)
+                events = _with_index(events.drop(S.USER_IDX, S.ITEM_IDX), vocab)  # order is kept
                 # Re-read the dropped rows as written in their files, so the quarantine keeps them verbatim.
                 for i, src in enumerate(sources):
                     mine = dropped.filter(pl.col(_FILE) == i).drop(_FILE)
@@ -308,16 +407,7 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
                         raw = src.scan().with_columns(pl.col(S.SOURCE_ROW).cast(pl.UInt64))
                         raw = raw.join(mine.lazy(), on=S.SOURCE_ROW, how="inner")
                         quarantine_parts.append(raw.select(_quarantine_columns(src, i)))
-
-        # The vocab comes from the accepted events only, so every index in events.parquet is known to it.
-        ids = events.select(S.USER_ID, S.ITEM_ID).collect(engine="streaming")
-        vocab = Vocab.from_ids(ids[S.USER_ID], ids[S.ITEM_ID])
-        del ids
-        final = events.with_columns(
-            vocab.user_index_expr(S.USER_ID).alias(S.USER_IDX),
-            vocab.item_index_expr(S.ITEM_ID).alias(S.ITEM_IDX),
-        ).select(*S.CANONICAL_COLUMNS, S.USER_IDX, S.ITEM_IDX)
-        final.sink_parquet(stage / "events.parquet", engine="streaming")
+            events.select(final_columns).sink_parquet(stage / "events.parquet", engine="streaming")
         vocab.save(stage / "vocab.json")
 
         quarantine = (
