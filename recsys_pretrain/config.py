@@ -61,21 +61,79 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """The training loop, shared by every model."""
+
+    epochs: int = 200  # the learning-rate schedule's horizon; early stopping usually ends sooner
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    grad_clip: float = 1.0
+    patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
+    eval_every: int = 1  # epochs between validations
+    max_minutes: float | None = None  # wall-clock budget for training (evaluation included)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = PyTorch's default
+    eval_batch_size: int = 512
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MFConfig:
+    dim: int = 64
+    loss: str = "softmax"  # softmax (multinomial over the catalogue) | bpr
+    init_std: float = 0.05
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=100, batch_size=256, lr=5e-3, weight_decay=0.0,
+                                            warmup_steps=0, patience=5, eval_every=5)
+    )
+
+
+@dataclass(frozen=True)
+class BERT4RecConfig:
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_mult: int = 4
+    max_len: int = 200
+    dropout: float = 0.1  # embeddings, residual and feed-forward
+    attn_dropout: float = 0.0  # > 0 forces PyTorch's slow attention kernel on CPU
+    mask_prob: float = 0.2
+    last_item_prob: float = 0.1  # share of training sequences with only the last item masked
+    window: str = "random"  # training window of long histories: last | random (a random slice each epoch)
+    negatives: int = 0  # 0 = full softmax; K > 0 = sampled softmax with K popularity-sampled negatives
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: str = "bert4rec"  # mf | bert4rec
+    mf: MFConfig = field(default_factory=MFConfig)
+    bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
+    experiment: str | None = None  # MLflow experiment; None = named after the dataset
+    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     data_dir: str = "data"
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Coerce a YAML or override value to the annotated type, or raise ConfigError naming the key."""
+def _convert(tp: Any, value: Any, key: str, base: Any = None) -> Any:
+    """Coerce a YAML or override value to the annotated type, or raise ConfigError naming the key.
+    A nested section is merged onto `base`, the default it replaces, so one key can change alone."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return from_dict(tp, value, prefix=f"{key}.", base=base)
     if origin in (typing.Union, types.UnionType):
         errors = []
         # An arm the value already is wins (0.8 stays a float in `str | float`).
@@ -123,14 +181,16 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a plain mapping, checking every key and type."""
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a plain mapping onto `base` (default: `cls()`), checking every key and type."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid: {sorted(names)}")
-    return cls(**{k: _convert(hints[k], v, prefix + k) for k, v in data.items()})
+    base = cls() if base is None else base
+    changes = {k: _convert(hints[k], v, prefix + k, base=getattr(base, k)) for k, v in data.items()}
+    return dataclasses.replace(base, **changes)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -35,3 +35,10 @@ def test_unknown_keys_and_bad_types_fail_loudly(tmp_path):
 def test_flatten_for_tracking():
     flat = flatten(to_dict(load_config(None)))
     assert flat["ingest.format"] == "generic" and "prepare.event_weights.purchase" in flat
+
+
+def test_nested_sections_merge_onto_their_defaults():
+    cfg = load_config(None, ["pretrain.mf.train.lr=0.02", "pretrain.bert4rec.n_layers=3"])
+    assert cfg.pretrain.mf.train.lr == 0.02
+    assert cfg.pretrain.mf.train.batch_size == 256  # MF's own default, not TrainConfig's
+    assert cfg.pretrain.bert4rec.n_layers == 3 and cfg.pretrain.bert4rec.dim == 64

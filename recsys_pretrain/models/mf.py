@@ -1,0 +1,60 @@
+"""Matrix factorisation on implicit feedback, trained by gradient descent.
+
+Two losses: `softmax` (multinomial likelihood of a user's interactions over the whole catalogue, as in
+Mult-VAE; a batch is a set of users and their interaction rows) and `bpr` (pairwise, one sampled negative
+per positive). The benchmark compares them; softmax is the default because it measured better.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys_pretrain.config import MFConfig
+
+
+class MF(nn.Module):
+    def __init__(self, n_users: int, n_items: int, cfg: MFConfig):
+        super().__init__()
+        self.cfg, self.n_items = cfg, n_items
+        self.user = nn.Embedding(n_users, cfg.dim)
+        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)  # row = item index; 0 is padding
+        self.item_bias = nn.Parameter(torch.zeros(n_items + 1))
+        nn.init.normal_(self.user.weight, std=cfg.init_std)
+        nn.init.normal_(self.item.weight, std=cfg.init_std)
+        with torch.no_grad():
+            self.item.weight[0].zero_()
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) user indices -> (B, n_items) scores over items 1..n."""
+        return self.user(users) @ self.item.weight[1:].T + self.item_bias[1:]
+
+    def forward(
+        self,
+        users: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+        neg: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """softmax: targets (B, n_items) interaction weights -> (logits (B, n_items), loss).
+        bpr: pos, neg (B,) item indices -> (score differences (B,), loss)."""
+        if pos is not None:
+            u = self.user(users)  # (B, d)
+            diff = (u * (self.item(pos) - self.item(neg))).sum(-1) + self.item_bias[pos] - self.item_bias[neg]
+            return diff, -F.logsigmoid(diff).mean()
+        logits = self.score_users(users)  # (B, n_items)
+        if targets is None:
+            return logits, None
+        loss = -(targets * F.log_softmax(logits, dim=-1)).sum() / targets.sum().clamp_min(1.0)
+        return logits, loss
+
+    # ---- the contract shared with BERT4Rec: dot products of these are the model's own scores -------------
+    def item_embeddings(self) -> torch.Tensor:
+        """(n_items, d + 1): item vectors with the bias as a last coordinate."""
+        return torch.cat([self.item.weight[1:], self.item_bias[1:, None]], dim=1)
+
+    def user_embeddings(self, users: torch.Tensor) -> torch.Tensor:
+        """(B,) user indices -> (B, d + 1), with a constant 1 that meets the item bias."""
+        u = self.user(users)
+        return torch.cat([u, torch.ones_like(u[:, :1])], dim=1)

@@ -1,0 +1,168 @@
+"""One training loop for every model: AdamW, warm-up then decay, gradient clipping, early stopping on
+validation NDCG@10, a wall-clock budget, a checkpoint each epoch, and exact resume.
+
+Determinism: every epoch re-seeds dropout and its batch generator from (seed, epoch), so a run killed
+after epoch k and resumed from its checkpoint ends with the same weights as a run that never stopped.
+Nothing here is global: the loop can be wrapped per rank by torch.distributed later (a task then yields
+its rank's share of the batches).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from recsys_pretrain.config import TrainConfig
+from recsys_pretrain.io import atomic_path
+
+log = logging.getLogger(__name__)
+MONITOR = "ndcg_at_10"
+
+
+class Task(Protocol):
+    """Where batches come from: a model-specific sampler, seeded per epoch."""
+
+    def n_batches(self) -> int: ...
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    epochs_run: int
+    stopped: str  # "early_stopping" | "budget" | "epochs"
+    train_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_checkpoint: Path | None = None
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine, linear or constant")
+
+    return f
+
+
+def _seed(cfg: TrainConfig, epoch: int) -> int:
+    return cfg.seed * 1_000_003 + epoch
+
+
+def _save(path: Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def fit(
+    model: nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    validate: Callable[[nn.Module], dict[str, float]],
+    checkpoint_dir: Path | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train `model` on `task`; `validate(model)` returns metrics with `ndcg_at_10`. Resumes from
+    `checkpoint_dir/last.pt` when it exists. `on_epoch(epoch, row)` sees each epoch's history row."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * task.n_batches()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_metrics": {}, "bad_evals": 0, "elapsed": 0.0,
+             "history": []}
+    last = checkpoint_dir / "last.pt" if checkpoint_dir else None
+    best_path = checkpoint_dir / "best.pt" if checkpoint_dir else None
+    if last is not None and last.exists():
+        ckpt = torch.load(last, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        log.info("resumed from %s at epoch %d", last, state["epoch"])
+    best_state = (
+        torch.load(best_path, weights_only=True)["model"] if best_path is not None and best_path.exists() else None
+    )
+
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+    stopped = state.get("stopped", "epochs")
+    show = cfg.progress and sys.stderr.isatty()
+    while state["epoch"] < cfg.epochs and "stopped" not in state:  # a finished run is not trained further
+        epoch = state["epoch"] + 1
+        t0 = time.perf_counter()
+        torch.manual_seed(_seed(cfg, epoch))  # dropout
+        gen = torch.Generator().manual_seed(_seed(cfg, epoch) + 1)  # batch order and masking
+        model.train()
+        total, n = 0.0, 0
+        out_of_time = False
+        batches = task.batches(gen)
+        if show:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=task.n_batches(), desc=f"epoch {epoch}", leave=False)
+        for batch in batches:
+            _, loss = model(**batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            total, n = total + loss.item(), n + 1
+            if state["elapsed"] + time.perf_counter() - t0 > budget:
+                out_of_time = True
+                break
+        row: dict[str, float] = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": sched.get_last_lr()[0]}
+        if epoch % cfg.eval_every == 0 or out_of_time or epoch == cfg.epochs:
+            model.eval()
+            with torch.no_grad():
+                metrics = validate(model)
+            row.update({f"val_{k}": v for k, v in metrics.items()})
+            if metrics[MONITOR] > state["best"]:
+                state.update(best=metrics[MONITOR], best_epoch=epoch, best_metrics=metrics, bad_evals=0)
+                best_state = copy.deepcopy(model.state_dict())
+                if best_path is not None:
+                    _save(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics})
+            else:
+                state["bad_evals"] += 1
+        state["elapsed"] += time.perf_counter() - t0
+        row["elapsed_s"] = state["elapsed"]
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if out_of_time or state["elapsed"] > budget:
+            state["stopped"] = "budget"
+        elif state["bad_evals"] >= cfg.patience:
+            state["stopped"] = "early_stopping"
+        if last is not None:
+            _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "scheduler": sched.state_dict(), "state": state})
+        log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+        if "stopped" in state:
+            stopped = state["stopped"]
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitResult(best_epoch=state["best_epoch"], best_metrics=state["best_metrics"],
+                     epochs_run=state["epoch"], stopped=stopped, train_seconds=state["elapsed"],
+                     history=state["history"], best_checkpoint=best_path)

@@ -1,0 +1,342 @@
+"""The pretraining stage: load prepared data, train `mf` or `bert4rec`, evaluate by full ranking, export
+embeddings and a model directory, and track it all.
+
+Evaluation is leave-last-out over the whole catalogue with the user's history excluded: validation
+ranks each user's second-to-last item given the items before it, test ranks the last item given all
+the items before it. Model selection uses validation only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from recsys_pretrain.checkpoint import build_model, save_model_dir
+from recsys_pretrain.config import BERT4RecConfig, MFConfig, PretrainConfig, TrainConfig, flatten
+from recsys_pretrain.masking import append_mask, mask_items
+from recsys_pretrain.metrics import evaluate_scores, popularity_scores
+from recsys_pretrain.train.loop import FitResult, fit
+from recsys_pretrain.vocab import Vocab
+
+log = logging.getLogger(__name__)
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+@dataclass
+class PreparedData:
+    name: str
+    path: Path
+    vocab: Vocab
+    meta: dict
+    train_seqs: list[np.ndarray]  # per user index: training items in order (empty if none)
+    valid: np.ndarray  # (n_users,) validation target item, -1 if none
+    test: np.ndarray  # (n_users,) test target item, -1 if none
+    train_matrix: sp.csr_matrix  # (n_users, n_items + 1) event-weighted, training events only
+
+    @property
+    def n_users(self) -> int:
+        return self.vocab.n_users
+
+    @property
+    def n_items(self) -> int:
+        return self.vocab.n_items
+
+    def histories(self, stage: str) -> list[np.ndarray]:
+        """What the model may see when predicting `stage`'s target: train items (+ validation item for test)."""
+        if stage == "valid":
+            return self.train_seqs
+        return [np.append(s, v) if v >= 0 else s for s, v in zip(self.train_seqs, self.valid, strict=True)]
+
+    def targets(self, stage: str) -> np.ndarray:
+        return self.valid if stage == "valid" else self.test
+
+    def full_sequences(self) -> list[np.ndarray]:
+        """Every interaction, for user vectors at serving time."""
+        return [np.append(s, t) if t >= 0 else s for s, t in zip(self.histories("test"), self.test, strict=True)]
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    path = Path(path)
+    if not (path / "loo.parquet").exists():
+        raise FileNotFoundError(f"{path}: no loo.parquet; run `recsys-pretrain prepare` first")
+    vocab = Vocab.load(path / "vocab.json")
+    meta = json.loads((path / "meta.json").read_text())
+    loo = pl.read_parquet(path / "loo.parquet", columns=["user_idx", "train", "valid", "test"])
+    seqs = [np.zeros(0, dtype=np.int64)] * vocab.n_users
+    valid = np.full(vocab.n_users, -1, dtype=np.int64)
+    test = np.full(vocab.n_users, -1, dtype=np.int64)
+    users = loo["user_idx"].to_numpy()
+    for u, items in zip(users, loo["train"].to_list(), strict=True):
+        seqs[u] = np.asarray(items, dtype=np.int64)
+    valid[users] = loo["valid"].fill_null(-1).to_numpy()
+    test[users] = loo["test"].fill_null(-1).to_numpy()
+    name = Path(meta.get("source", path.name)).name or path.name
+    return PreparedData(name=name, path=path, vocab=vocab, meta=meta, train_seqs=seqs, valid=valid, test=test,
+                        train_matrix=sp.load_npz(path / "train_matrix.npz").tocsr())
+
+
+def history_matrix(seqs: list[np.ndarray], n_items: int) -> sp.csr_matrix:
+    """Binary (n_users, n_items + 1) matrix of the items in each sequence: what evaluation excludes."""
+    lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    indptr = np.concatenate([[0], np.cumsum(lens)])
+    cols = np.concatenate(seqs) if len(seqs) else np.zeros(0, dtype=np.int64)
+    m = sp.csr_matrix((np.ones(len(cols), dtype=np.float32), cols, indptr), shape=(len(seqs), n_items + 1))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def left_pad(seqs: list[np.ndarray], length: int) -> np.ndarray:
+    """(n, length) int64: each sequence's last `length` items, right-aligned, zeros in front."""
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        s = s[-length:]
+        if len(s):
+            out[r, length - len(s):] = s
+    return out
+
+
+# ---- tasks: where each model's batches come from --------------------------------------------------------
+class MFSoftmaxTask:
+    """Batches of users with their interaction rows as multinomial targets."""
+
+    def __init__(self, matrix: sp.csr_matrix, batch_size: int):
+        self.matrix = matrix[:, 1:].tocsr()  # drop the padding column: (n_users, n_items)
+        self.users = np.flatnonzero(np.diff(self.matrix.indptr) > 0)
+        self.batch_size = batch_size
+
+    def n_batches(self) -> int:
+        return -(-len(self.users) // self.batch_size)
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        order = self.users[torch.randperm(len(self.users), generator=generator).numpy()]
+        for i in range(0, len(order), self.batch_size):
+            u = order[i : i + self.batch_size]
+            yield {"users": torch.from_numpy(u), "targets": torch.from_numpy(self.matrix[u].toarray())}
+
+
+class MFBPRTask:
+    """Batches of (user, positive, uniformly sampled negative) triples."""
+
+    def __init__(self, matrix: sp.csr_matrix, batch_size: int, n_items: int):
+        coo = matrix.tocoo()
+        self.users, self.items = coo.row.astype(np.int64), coo.col.astype(np.int64)
+        self.batch_size, self.n_items = batch_size, n_items
+
+    def n_batches(self) -> int:
+        return -(-len(self.users) // self.batch_size)
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.randperm(len(self.users), generator=generator)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i : i + self.batch_size].numpy()
+            neg = torch.randint(1, self.n_items + 1, (len(idx),), generator=generator)
+            yield {"users": torch.from_numpy(self.users[idx]), "pos": torch.from_numpy(self.items[idx]), "neg": neg}
+
+
+class SequenceTask:
+    """Batches of masked training sequences for BERT4Rec (masking happens here, in collate)."""
+
+    def __init__(self, seqs: list[np.ndarray], cfg: BERT4RecConfig, n_items: int, batch_size: int):
+        self.seqs = [s for s in seqs if len(s) > 0]
+        self.cfg, self.n_items, self.batch_size = cfg, n_items, batch_size
+        counts = np.bincount(np.concatenate(self.seqs), minlength=n_items + 1)[1:].astype(np.float64)
+        q = (counts + 1.0) ** 0.75  # popularity-smoothed sampling for sampled softmax
+        self.q = torch.from_numpy(q / q.sum())
+
+    def n_batches(self) -> int:
+        return -(-len(self.seqs) // self.batch_size)
+
+    def _window(self, s: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        T = self.cfg.max_len
+        if len(s) <= T or self.cfg.window == "last":
+            return s[-T:]
+        end = int(torch.randint(T, len(s) + 1, (1,), generator=generator))  # a random slice of a long history
+        return s[end - T : end]
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.randperm(len(self.seqs), generator=generator).numpy()
+        for i in range(0, len(order), self.batch_size):
+            rows = [self._window(self.seqs[j], generator) for j in order[i : i + self.batch_size]]
+            seqs = torch.from_numpy(left_pad(rows, self.cfg.max_len))
+            inputs, labels = mask_items(seqs, self.cfg.mask_prob, self.n_items + 1, generator, self.cfg.last_item_prob)
+            batch = {"inputs": inputs, "labels": labels}
+            if self.cfg.negatives:
+                neg = torch.multinomial(self.q, self.cfg.negatives, replacement=True, generator=generator)
+                batch["negatives"] = neg + 1
+                batch["neg_logq"] = torch.log(self.q[neg]).float()
+            yield batch
+
+
+# ---- scoring ----------------------------------------------------------------------------------------------
+def score_function(model: nn.Module, data: PreparedData, stage: str) -> Callable[[np.ndarray], torch.Tensor]:
+    """users (b,) -> (b, n_items) scores for predicting `stage`'s target."""
+    if isinstance(model, nn.Module) and hasattr(model, "score_users"):  # MF: a vector per user
+        return lambda users: model.score_users(torch.from_numpy(users))
+    hist = data.histories(stage)
+    return lambda users: model(query_inputs([hist[u] for u in users], model))[0]
+
+
+def query_inputs(histories: list[np.ndarray], model: nn.Module) -> torch.Tensor:
+    """(b, max_len) model inputs: the newest max_len - 1 items of each history, then [MASK]."""
+    return append_mask(torch.from_numpy(left_pad(histories, model.cfg.max_len)), model.mask_token)
+
+
+def evaluate(model: nn.Module, data: PreparedData, stage: str, batch_size: int = 512) -> dict[str, float]:
+    targets = data.targets(stage)
+    users = np.flatnonzero(targets >= 0)
+    history = history_matrix(data.histories(stage), data.n_items)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = evaluate_scores(score_function(model, data, stage), users, targets[users], history, data.n_items,
+                              batch_size=batch_size)
+    model.train(was_training)
+    return out
+
+
+def evaluate_popularity(data: PreparedData, stage: str) -> dict[str, float]:
+    pop = popularity_scores(data.train_matrix).float()
+    targets = data.targets(stage)
+    users = np.flatnonzero(targets >= 0)
+    history = history_matrix(data.histories(stage), data.n_items)
+    return evaluate_scores(lambda u: pop.expand(len(u), -1), users, targets[users], history, data.n_items)
+
+
+def embeddings(model: nn.Module, data: PreparedData, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(item vectors (n_items, d'), user vectors (n_users, d') from each user's full history)."""
+    model.eval()
+    with torch.no_grad():
+        items = model.item_embeddings().numpy()
+        if hasattr(model, "score_users"):
+            users = model.user_embeddings(torch.arange(data.n_users)).numpy()
+        else:
+            full, parts = data.full_sequences(), []
+            for i in range(0, data.n_users, batch_size):
+                parts.append(model.user_embeddings(query_inputs(full[i : i + batch_size], model)).numpy())
+            users = np.concatenate(parts) if parts else np.zeros((0, items.shape[1]), np.float32)
+    return items, users
+
+
+# ---- the stage ----------------------------------------------------------------------------------------------
+def model_config(cfg: PretrainConfig) -> MFConfig | BERT4RecConfig:
+    if cfg.model not in ("mf", "bert4rec"):
+        raise ValueError(f"unknown model {cfg.model!r}; known: ['bert4rec', 'mf']")
+    return cfg.mf if cfg.model == "mf" else cfg.bert4rec
+
+
+def make_task(name: str, mcfg, data: PreparedData, tcfg: TrainConfig):
+    if name == "mf":
+        if mcfg.loss == "softmax":
+            return MFSoftmaxTask(data.train_matrix, tcfg.batch_size)
+        if mcfg.loss == "bpr":
+            return MFBPRTask(data.train_matrix, tcfg.batch_size, data.n_items)
+        raise ValueError(f"unknown MF loss {mcfg.loss!r}; use softmax or bpr")
+    return SequenceTask(data.train_seqs, mcfg, data.n_items, tcfg.batch_size)
+
+
+def training_curve(history: list[dict], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ep = [h["epoch"] for h in history]
+    ax1.plot(ep, [h["train_loss"] for h in history], color="tab:blue", label="train loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("train loss", color="tab:blue")
+    ax2 = ax1.twinx()
+    ev = [(h["epoch"], h["val_ndcg_at_10"]) for h in history if "val_ndcg_at_10" in h]
+    if ev:
+        ax2.plot(*zip(*ev, strict=True), color="tab:orange", marker="o", label="validation NDCG@10")
+    ax2.set_ylabel("validation NDCG@10", color="tab:orange")
+    ax1.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class PretrainResult:
+    run_id: str | None
+    model_dir: Path
+    fit: FitResult
+    valid: dict[str, float]
+    test: dict[str, float]
+    popularity_test: dict[str, float]
+    seconds: float
+
+
+def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tracker=None,
+             run_name: str | None = None, parent_run_id: str | None = None) -> PretrainResult:
+    """Train `cfg.model` on a prepared dataset; write `out_dir/{checkpoints,model}`; track the run."""
+    from recsys_pretrain.tracking import NullTracker, git_commit
+
+    tracker = tracker or NullTracker()
+    data = load_prepared(prepared)
+    mcfg = model_config(cfg)
+    tcfg = mcfg.train
+    torch.manual_seed(tcfg.seed)
+    model = build_model(cfg.model, mcfg, data.n_users, data.n_items)
+    task = make_task(cfg.model, mcfg, data, tcfg)
+    out_dir = Path(out_dir)
+    experiment = cfg.experiment or data.name
+    run_name = run_name or f"{cfg.model}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {"model_type": cfg.model, "dataset": data.name, "dataset_sha256": data.meta.get("events_sha256", ""),
+            "git_commit": git_commit() or "unknown"}
+    t0 = time.perf_counter()
+    with tracker.start_run(experiment, run_name, tags=tags, parent_run_id=parent_run_id,
+                           description=f"{cfg.model} pretraining on {data.name}: leave-last-out, full ranking, "
+                                       "history excluded; model chosen on validation NDCG@10") as run_id:
+        tracker.log_params(flatten({"model": cfg.model, cfg.model: dataclasses.asdict(mcfg),
+                                    "data": {"users": data.n_users, "items": data.n_items,
+                                             "interactions": data.meta.get("interactions")}}))
+        tracker.log_input(name=data.name, digest=data.meta.get("events_sha256", "")[:32],
+                          counts={"users": data.n_users, "items": data.n_items,
+                                  "interactions": int(data.meta.get("interactions", 0)),
+                                  "train_interactions": int(data.meta["loo"]["train_interactions"])},
+                          source=str(data.path))
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            tracker.log_metrics({k.replace("val_", "val/").replace("train_loss", "train/loss"): v
+                                 for k, v in row.items() if k != "epoch"}, step=epoch)
+
+        result = fit(model, task, tcfg, lambda m: evaluate(m, data, "valid", tcfg.eval_batch_size),
+                     checkpoint_dir=out_dir / "checkpoints", on_epoch=on_epoch)
+        valid = evaluate(model, data, "valid", tcfg.eval_batch_size)
+        test = evaluate(model, data, "test", tcfg.eval_batch_size)
+        pop = evaluate_popularity(data, "test")
+        final = {**{f"test/{k}": v for k, v in test.items()}, **{f"valid/{k}": v for k, v in valid.items()},
+                 **{f"test/popularity_{k}": v for k, v in pop.items()},
+                 "train/seconds": result.train_seconds, "train/epochs": result.epochs_run,
+                 "train/best_epoch": result.best_epoch}
+        tracker.log_metrics(final, step=result.epochs_run)
+        tracker.set_tags({"stopped": result.stopped})
+
+        item_emb, user_emb = embeddings(model, data)
+        model_dir = save_model_dir(out_dir / "model", cfg.model, mcfg, model, data.vocab, item_emb, user_emb,
+                                   extra={"dataset": data.name, "test": test, "valid": valid,
+                                          "best_epoch": result.best_epoch, "run_id": run_id})
+        fig = training_curve(result.history, f"{cfg.model} on {data.name}")
+        tracker.log_figure(fig, "training_curve.png")
+        tracker.log_dict(dataclasses.asdict(cfg), "config.json")
+        tracker.log_dict({"valid": valid, "test": test, "popularity_test": pop, "history": result.history},
+                         "metrics.json")
+        for f in ("model.json", "vocab.json", "item_embeddings.npy", "user_embeddings.npy", "weights.pt"):
+            tracker.log_artifact(model_dir / f, "model_dir")
+        if result.best_checkpoint is not None and result.best_checkpoint.exists():
+            tracker.log_artifact(result.best_checkpoint, "checkpoints")
+        tracker.log_model_dir(model_dir, name="model")
+    return PretrainResult(run_id=run_id, model_dir=model_dir, fit=result, valid=valid, test=test,
+                          popularity_test=pop, seconds=time.perf_counter() - t0)

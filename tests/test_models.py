@@ -1,0 +1,171 @@
+"""Models and the training loop on tiny data with known answers."""
+
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recsys_pretrain.config import BERT4RecConfig, MFConfig, TrainConfig
+from recsys_pretrain.masking import mask_items
+from recsys_pretrain.models import MODELS, BERT4Rec
+from recsys_pretrain.train.loop import fit
+from recsys_pretrain.train.pretrain import (
+    MFSoftmaxTask,
+    PreparedData,
+    SequenceTask,
+    evaluate,
+    history_matrix,
+    query_inputs,
+)
+from recsys_pretrain.vocab import Vocab
+
+TINY_B4R = BERT4RecConfig(dim=32, n_layers=1, n_heads=2, max_len=12, dropout=0.0, mask_prob=0.3)
+
+
+def test_registry_is_explicit():
+    assert set(MODELS) == {"mf", "bert4rec"}
+
+
+@pytest.mark.parametrize("name", ["mf", "bert4rec"])
+def test_overfit_one_batch(name):
+    torch.manual_seed(0)
+    if name == "mf":
+        model = MODELS["mf"](8, 20, MFConfig(dim=16))
+        targets = torch.zeros(8, 20)
+        targets[torch.arange(8), torch.arange(8) * 2] = 1.0  # each user one item
+        batch = {"users": torch.arange(8), "targets": targets}
+    else:
+        model = BERT4Rec(20, TINY_B4R)
+        seqs = torch.randint(1, 21, (8, 12))
+        inputs, labels = mask_items(seqs, 0.3, 21, torch.Generator().manual_seed(0))
+        batch = {"inputs": inputs, "labels": labels}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        _, loss = model(**batch)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * first
+
+
+def test_embedding_dot_products_are_the_model_scores():
+    torch.manual_seed(0)
+    mf = MODELS["mf"](5, 9, MFConfig(dim=4))
+    users = torch.arange(5)
+    torch.testing.assert_close(mf.user_embeddings(users) @ mf.item_embeddings().T, mf.score_users(users))
+    b4r = BERT4Rec(9, TINY_B4R).eval()
+    hist = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8])]
+    x = query_inputs(hist, b4r)
+    assert x[:, -1].tolist() == [10, 10, 10] and x[0, -4:-1].tolist() == [1, 2, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(b4r.user_embeddings(x) @ b4r.item_embeddings().T, b4r(x)[0])
+
+
+def test_sampled_softmax_trains_and_excludes_the_true_item_from_negatives():
+    torch.manual_seed(0)
+    model = BERT4Rec(50, TINY_B4R)
+    seqs = torch.randint(1, 51, (4, 12))
+    inputs, labels = mask_items(seqs, 0.3, 51, torch.Generator().manual_seed(0))
+    neg = torch.arange(1, 51)  # every item, the true ones included
+    logits, loss = model(inputs, labels, negatives=neg, neg_logq=torch.full((50,), -np.log(50.0)))
+    y = labels[labels != 0]
+    assert torch.isinf(logits[torch.arange(len(y)), y]).all()  # column y (1 + index y - 1) is the true item
+    assert torch.isfinite(loss)
+
+
+def _chain_data(n_users=60, n_items=30, length=10, seed=0) -> PreparedData:
+    """Every user walks a cycle 1 -> 2 -> ... -> n -> 1 from a random start: the next item is known."""
+    rng = np.random.default_rng(seed)
+    seqs, valid, test = [], [], []
+    for _ in range(n_users):
+        start = rng.integers(0, n_items)
+        walk = (start + np.arange(length)) % n_items + 1
+        seqs.append(walk[:-2])
+        valid.append(walk[-2])
+        test.append(walk[-1])
+    vocab = Vocab.from_ids(pl.Series(np.arange(n_users)), pl.Series(np.arange(1, n_items + 1)))
+    matrix = history_matrix(seqs, n_items)
+    return PreparedData(name="chain", path=None, vocab=vocab, meta={}, train_seqs=seqs, valid=np.array(valid),
+                        test=np.array(test), train_matrix=sp.csr_matrix(matrix))
+
+
+def test_bert4rec_learns_a_known_sequence_rule():
+    torch.manual_seed(0)
+    data = _chain_data()
+    cfg = dataclasses.replace(TINY_B4R, last_item_prob=0.3)
+    tcfg = TrainConfig(epochs=100, batch_size=16, lr=5e-3, warmup_steps=10, patience=100, eval_every=25,
+                       progress=False)
+    model = BERT4Rec(data.n_items, cfg)
+    before = evaluate(model, data, "test")["mrr_at_10"]
+    fit(model, SequenceTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg,
+        lambda m: evaluate(m, data, "valid"))
+    after = evaluate(model, data, "test")
+    # the next item in the cycle is the only right answer among 21 unseen items
+    assert before < 0.5 and after["mrr_at_10"] > 0.9
+
+
+def test_mf_ranks_the_held_out_item_of_the_users_block_first():
+    # two blocks of users and items; each user saw all of their block but one item, different per user
+    n_users, n_items = 40, 20
+    rows, cols, held = [], [], []
+    for u in range(n_users):
+        block = np.arange(1, 11) if u % 2 == 0 else np.arange(11, 21)
+        out = block[u % 10]
+        held.append(out)
+        for i in block:
+            if i != out:
+                rows.append(u)
+                cols.append(i)
+    m = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items + 1))
+    seqs = [m[u].indices for u in range(n_users)]
+    vocab = Vocab.from_ids(pl.Series(np.arange(n_users)), pl.Series(np.arange(1, n_items + 1)))
+    data = PreparedData(name="blocks", path=None, vocab=vocab, meta={}, train_seqs=seqs,
+                        valid=np.array(held), test=np.array(held), train_matrix=m)
+    torch.manual_seed(0)
+    model = MODELS["mf"](n_users, n_items, MFConfig(dim=8))
+    tcfg = TrainConfig(epochs=60, batch_size=8, lr=3e-2, weight_decay=0.0, warmup_steps=0, patience=100,
+                       eval_every=20, progress=False)
+    fit(model, MFSoftmaxTask(m, tcfg.batch_size), tcfg, lambda mm: evaluate(mm, data, "valid"))
+    res = evaluate(model, data, "valid")
+    assert res["hr_at_10"] == 1.0 and res["mrr_at_10"] == 1.0  # rank 1 for every user
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    data = _chain_data(n_users=30)
+    cfg = dataclasses.replace(TINY_B4R, dropout=0.1)  # dropout on: its RNG must be restored too
+    tcfg = TrainConfig(epochs=4, batch_size=8, lr=3e-3, warmup_steps=3, patience=100, progress=False)
+
+    def run(ckpt, kill_after=None):
+        torch.manual_seed(0)
+        model = BERT4Rec(data.n_items, cfg)
+
+        def on_epoch(epoch, row):
+            if kill_after is not None and epoch == kill_after:
+                raise KeyboardInterrupt  # the process dies right after the epoch's checkpoint
+
+        fit(model, SequenceTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg,
+            lambda m: evaluate(m, data, "valid"), checkpoint_dir=ckpt, on_epoch=on_epoch)
+        return model
+
+    straight = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_after=2)
+    resumed = run(tmp_path / "b")
+    ckpt = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert ckpt["state"]["epoch"] == 4 and len(ckpt["state"]["history"]) == 4
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_budget_stops_training(tmp_path):
+    data = _chain_data(n_users=30)
+    tcfg = TrainConfig(epochs=1000, batch_size=8, max_minutes=0.02, patience=1000, progress=False)
+    model = BERT4Rec(data.n_items, TINY_B4R)
+    res = fit(model, SequenceTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
+              lambda m: evaluate(m, data, "valid"))
+    assert res.stopped == "budget" and res.epochs_run < 1000 and res.best_metrics
