@@ -29,7 +29,7 @@ def _split_overrides(values: list[str], section: str | None) -> tuple[list[str],
     for v in values:
         if _OVERRIDE.match(v) and not Path(v).exists():
             key = v.split("=", 1)[0]
-            known = {"name", "data_dir", "synth", "ingest", "prepare"}
+            known = {"name", "data_dir", "synth", "ingest", "prepare", "pretrain"}
             overrides.append(v if section is None or key.split(".")[0] in known else f"{section}.{v}")
         else:
             paths.append(v)
@@ -104,6 +104,51 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _tracker(cfg: RunConfig, enabled: bool = True):
+    from recsys_pretrain.tracking import MLflowTracker, NullTracker, resolve_tracking_uri
+
+    if not enabled:
+        return NullTracker()
+    return MLflowTracker(resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir))
+
+
+def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.train.pretrain import pretrain
+
+    cfg, _ = _config(args, extra, "pretrain")
+    pcfg = replace(cfg.pretrain, model=args.model)
+    if args.max_minutes is not None:
+        mcfg = getattr(pcfg, args.model)
+        pcfg = replace(pcfg, **{args.model: replace(mcfg, train=replace(mcfg.train, max_minutes=args.max_minutes))})
+    out = Path(args.out or Path(cfg.data_dir) / "runs" / f"{args.model}-{Path(args.data).resolve().name}")
+    res = pretrain(args.data, pcfg, out, tracker=_tracker(cfg, not args.no_tracking))
+    print(json.dumps({"run_id": res.run_id, "model_dir": str(res.model_dir), "stopped": res.fit.stopped,
+                      "best_epoch": res.fit.best_epoch, "train_seconds": round(res.fit.train_seconds, 1),
+                      "valid": res.valid, "test": res.test, "popularity_test": res.popularity_test}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.checkpoint import load_model_dir
+    from recsys_pretrain.train.pretrain import evaluate, load_prepared
+
+    cfg, _ = _config(args, extra, "pretrain")
+    model_dir = Path(args.model)
+    if not model_dir.exists():  # an MLflow run id: fetch its model directory
+        from recsys_pretrain.tracking import download_artifacts, resolve_tracking_uri
+
+        model_dir = download_artifacts(args.model, "model_dir", resolve_tracking_uri(cfg.pretrain.tracking_uri,
+                                                                                     cfg.data_dir))
+    model, meta, _ = load_model_dir(model_dir)
+    data = load_prepared(args.data)
+    if (meta["n_users"], meta["n_items"]) != (data.n_users, data.n_items):
+        raise ValueError(f"model has {meta['n_users']} users x {meta['n_items']} items, data "
+                         f"{data.n_users} x {data.n_items}: not the same prepared dataset")
+    print(json.dumps({"model": meta["model"], "valid": evaluate(model, data, "valid"),
+                      "test": evaluate(model, data, "test")}, indent=2))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     """The embedded default, end to end: generate a log, ingest it, prepare it, print the report."""
     from recsys_pretrain.data.ingest import ingest
@@ -155,6 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("ingested")
     s.add_argument("--out", required=True)
     s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("pretrain", help="train mf or bert4rec on a prepared dataset, tracked in MLflow")
+    s.add_argument("--model", choices=["mf", "bert4rec"], required=True)
+    s.add_argument("--data", required=True, help="a prepared directory")
+    s.add_argument("--out", help="output directory (checkpoints/, model/)")
+    s.add_argument("--max-minutes", type=float, help="training budget")
+    s.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="full-ranking metrics of a model directory or MLflow run on prepared data")
+    s.add_argument("model", help="a model directory or an MLflow run id")
+    s.add_argument("--data", required=True)
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("run", help="the whole pipeline once on the configured (default: synthetic) data")
     s.set_defaults(func=cmd_run)

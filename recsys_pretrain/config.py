@@ -37,7 +37,7 @@ class IngestConfig:
     dedupe: bool = True  # drop exact repeats of (user, item, timestamp, event_type)
     min_user_events: int = 0  # k-core filter, applied iteratively with min_item_events until stable
     min_item_events: int = 0
-    partition_rows: int = 8_000_000  # above this many events, sort and dedupe in user ranges (bounded memory)
+    partition_rows: int = 16_000_000  # above this many events, sort and dedupe in user ranges (bounded memory)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import dataclasses
 import importlib.metadata
 import itertools
 import json
+import logging
 import os
 import re
 import subprocess
@@ -41,6 +42,7 @@ __all__ = [
     "MLflowTracker",
     "NullTracker",
     "Tracker",
+    "download_artifacts",
     "flatten_params",
     "get_alias_version",
     "git_commit",
@@ -48,8 +50,8 @@ __all__ = [
     "pip_requirements",
     "register_model",
     "resolve_tracking_uri",
-    "safe_key",
     "run_metrics",
+    "safe_key",
     "set_alias",
 ]
 
@@ -64,10 +66,6 @@ _ARTIFACT_DIR = "mlartifacts"
 
 # Packages a served model needs; pinned to what is installed so the logged environment is reproducible.
 _MODEL_PACKAGES = ("torch", "numpy", "polars", "faiss-cpu", "scikit-learn", "scipy", "cloudpickle", "mlflow")
-
-
-# SQLAlchemy 2.1 deprecation raised from MLflow's own ORM models on first store use: noise, not ours to fix.
-warnings.filterwarnings("ignore", message=r"The ``noload`` loader strategy", category=DeprecationWarning)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,14 +181,26 @@ def _is(exc: MlflowException, code: int) -> bool:
     return exc.error_code == ErrorCode.Name(code)
 
 
+class _DropCloudpickleNotice(logging.Filter):
+    # Logged on every pyfunc.log_model with a PythonModel instance, which is how this project logs models.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passing a Python object as `python_model`")
+
+
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence MLflow's advisory warnings (schema hints, deprecations) around one call; errors still raise."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        warnings.simplefilter("ignore", category=FutureWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        yield
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    notice = _DropCloudpickleNotice()
+    pyfunc_log.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=UserWarning)
+            warnings.simplefilter("ignore", category=FutureWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            yield
+    finally:
+        pyfunc_log.removeFilter(notice)
 
 
 class _CountsDataset(MetaDataset):
@@ -211,6 +221,8 @@ class _CountsDataset(MetaDataset):
 
 
 def _dataset_source(source: str):
+    if "://" not in source and Path(source).exists():
+        source = str(Path(source).resolve())  # a cwd-relative path means nothing once the run is over
     try:
         with _quiet():
             return resolve_dataset_source(source)
@@ -247,6 +259,8 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict) -> None: ...
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_model_dir(self, path: str | Path, name: str = "model") -> None: ...
 
     def log_dict(self, obj: dict, name: str) -> None: ...
 
@@ -289,6 +303,7 @@ class MLflowTracker:
         self.client = _client(tracking_uri)
         self._local = threading.local()  # run stack per thread, mirroring MLflow's own active-run stack
         self._experiments: dict[str, str] = {}
+        self._commit = git_commit()  # tagged on every run; one subprocess per tracker, not per stage
 
     # -- runs
 
@@ -343,7 +358,7 @@ class MLflowTracker:
         """
         _activate(self.tracking_uri)
         run_tags = {safe_key(k): _stringify(v) for k, v in (tags or {}).items()}
-        commit = git_commit()
+        commit = self._commit
         if commit and MLFLOW_GIT_COMMIT not in run_tags:
             run_tags[MLFLOW_GIT_COMMIT] = commit
         # With an explicit parent MLflow still refuses a second active run in this thread unless nested=True.
@@ -366,7 +381,10 @@ class MLflowTracker:
     # -- logging
 
     def log_params(self, params: dict) -> None:
-        """Flattened (`a.b`), stringified, truncated to MAX_PARAM_CHARS, one batch (MLflow chunks it)."""
+        """Flattened (`a.b`), stringified, truncated to MAX_PARAM_CHARS, one batch (MLflow chunks it).
+
+        MLflow params are write-once: logging a key again with a different value in the same run raises.
+        """
         flat = flatten_params(params)
         if flat:
             self.client.log_batch(self._require_run(), params=[Param(k, v) for k, v in flat.items()])
@@ -393,6 +411,12 @@ class MLflowTracker:
             self.client.log_artifacts(run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_model_dir(self, path: str | Path, name: str = "model") -> None:
+        """Every file of a saved model directory, as artifacts under `name/` (fetch: `download_artifacts`)."""
+        if not Path(path).is_dir():
+            raise NotADirectoryError(path)
+        self.log_artifact(path, artifact_path=name)
 
     def log_dict(self, obj: dict, name: str) -> None:
         """JSON artifact `name` (`.json` added when missing); non-JSON values (paths, numpy) via str()."""
@@ -519,8 +543,19 @@ class NullTracker:
         self.tags.update({safe_key(k): _stringify(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        name = Path(path).name
-        self.artifacts.append(f"{artifact_path}/{name}" if artifact_path else name)
+        path = Path(path)
+        prefix = f"{artifact_path}/" if artifact_path else ""
+        if path.is_dir():  # like MLflow: the directory's contents, not the directory, go under artifact_path
+            self.artifacts.extend(
+                prefix + p.relative_to(path).as_posix() for p in sorted(path.rglob("*")) if p.is_file()
+            )
+        else:
+            self.artifacts.append(prefix + path.name)
+
+    def log_model_dir(self, path: str | Path, name: str = "model") -> None:
+        if not Path(path).is_dir():
+            raise NotADirectoryError(path)
+        self.log_artifact(path, artifact_path=name)
 
     def log_dict(self, obj: dict, name: str) -> None:
         name = _json_name(name)
@@ -610,6 +645,21 @@ def load_pyfunc(model_uri: str, tracking_uri: str):
     _activate(tracking_uri)  # models:/ resolution only reads the global registry URI
     with _quiet():
         return mlflow.pyfunc.load_model(model_uri)
+
+
+def download_artifacts(
+    run_id: str, artifact_path: str, tracking_uri: str, dst_path: str | Path | None = None
+) -> Path:
+    """Local copy of a run's artifact file or directory (into a fresh temp dir unless `dst_path`)."""
+    if dst_path is not None:
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id,
+        artifact_path=artifact_path,
+        dst_path=None if dst_path is None else str(dst_path),
+        tracking_uri=tracking_uri,
+    )
+    return Path(local)
 
 
 def run_metrics(run_id: str, tracking_uri: str) -> dict[str, float]:

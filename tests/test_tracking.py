@@ -5,27 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import threading
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import mlflow.pyfunc  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from recsys_pretrain.tracking import (  # noqa: E402
+from recsys_pretrain.tracking import (
     MAX_PARAM_CHARS,
     MLflowTracker,
     NullTracker,
     Tracker,
+    download_artifacts,
     get_alias_version,
     git_commit,
     load_pyfunc,
@@ -40,9 +38,21 @@ from recsys_pretrain.tracking import (  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 IN_FEATURES = 4
 
+# SQLAlchemy 2.1 deprecation raised inside MLflow's ORM setup; pytest shows DeprecationWarnings, Python doesn't.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow sqlite database; creating one costs seconds, copying it does not."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # creates the tables
+    return db
+
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, empty_db):
     """(tracking_uri, MLflowTracker, MlflowClient) on a fresh sqlite store; the process cwd is an empty dir."""
     # setenv then delenv so monkeypatch restores the variables that mlflow.set_tracking_uri writes.
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
@@ -52,6 +62,8 @@ def store(tmp_path, monkeypatch):
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # anything MLflow drops in ./mlruns would show up here
     uri = resolve_tracking_uri(None, data_dir=tmp_path / "data")
+    assert uri == f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
+    shutil.copyfile(empty_db, tmp_path / "data" / "mlflow.db")
     tracker = MLflowTracker(uri)
     yield uri, tracker, MlflowClient(tracking_uri=uri, registry_uri=uri)
     mlflow.set_tracking_uri(None)
@@ -68,6 +80,10 @@ def test_params_metrics_tags_and_artifacts_land_in_the_store(store, tmp_path):
     note.write_text("hello")
     fig, ax = plt.subplots()
     ax.plot([0, 1, 2], [3, 1, 2])
+    model_dir = tmp_path / "model_dir"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "model.json").write_text('{"dim": 8}')
+    (model_dir / "sub" / "weights.bin").write_bytes(b"\x00\x01")
 
     with tracker.start_run("pretrain", "stage", tags={"stage": "pretrain"}, description="desc") as run_id:
         assert tracker.run_id == run_id
@@ -79,6 +95,7 @@ def test_params_metrics_tags_and_artifacts_land_in_the_store(store, tmp_path):
         tracker.log_artifact(note, artifact_path="notes")
         tracker.log_dict({"items": 3, "path": Path("/x")}, "summary")
         tracker.log_figure(fig, "loss_curve")
+        tracker.log_model_dir(model_dir, name="model")
     plt.close(fig)
     assert tracker.run_id is None
 
@@ -103,7 +120,7 @@ def test_params_metrics_tags_and_artifacts_land_in_the_store(store, tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "recall_at_10")] == [0, 100, 200]
 
     top = {f.path for f in client.list_artifacts(run_id)}
-    assert {"note.txt", "notes", "summary.json", "loss_curve.png"} <= top
+    assert {"note.txt", "notes", "summary.json", "loss_curve.png", "model"} <= top
     assert [f.path for f in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
     dst = tmp_path / "dl"
     dst.mkdir()
@@ -112,6 +129,10 @@ def test_params_metrics_tags_and_artifacts_land_in_the_store(store, tmp_path):
         "path": "/x",
     }
     assert _read_artifact(client, run_id, "loss_curve.png", dst).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fetched = download_artifacts(run_id, "model", uri, dst_path=tmp_path / "fetched")
+    assert fetched == tmp_path / "fetched" / "model"
+    assert (fetched / "model.json").read_text() == '{"dim": 8}'
+    assert (fetched / "sub" / "weights.bin").read_bytes() == b"\x00\x01"
 
     # artifacts sit beside the database, not in ./mlruns of whatever directory the process ran in
     assert run.info.artifact_uri.startswith((tmp_path / "data" / "mlartifacts").as_uri())
@@ -182,6 +203,7 @@ def test_log_input_records_the_dataset_with_row_counts(store, tmp_path):
     other = inputs["synthetic"]
     assert other.dataset.digest == "abc123"
     assert json.loads(other.dataset.profile) == {"events": 5}
+    assert other.dataset.source_type == "code"  # not a path or URI: kept as text
     assert "synthetic:seed=7" in other.dataset.source
 
 
@@ -210,7 +232,7 @@ def test_pyfunc_model_round_trips_through_the_registry_alias(store, tmp_path):
     rng = np.random.default_rng(0)
     frame = pd.DataFrame(rng.normal(size=(16, IN_FEATURES)).astype(np.float32), columns=list("abcd"))
     with torch.no_grad():
-        expected = module(torch.as_tensor(frame.to_numpy())).squeeze(1).numpy()
+        expected = module(torch.from_numpy(frame.to_numpy(copy=True))).squeeze(1).numpy()
 
     assert get_alias_version("scorer", "champion", uri) is None  # no such model yet
     with tracker.start_run("finetune", "train") as run_id:
@@ -219,7 +241,17 @@ def test_pyfunc_model_round_trips_through_the_registry_alias(store, tmp_path):
         model_uri = tracker.log_pyfunc_model(
             LinearScorer(), "scorer", artifacts={"checkpoint": str(ckpt)}, input_example=frame.head(2)
         )
-    assert model_uri.startswith("models:/")
+        # registering while logging goes through MLflow's global registry URI, set by the tracker
+        direct_uri = tracker.log_pyfunc_model(
+            LinearScorer(),
+            "scorer",
+            artifacts={"checkpoint": str(ckpt)},
+            input_example=frame.head(2),
+            registered_model_name="scorer-direct",
+        )
+    assert model_uri.startswith("models:/") and direct_uri != model_uri
+    direct = client.get_model_version("scorer-direct", "1")
+    assert direct.source == direct_uri and direct.run_id == run_id
 
     version = register_model(model_uri, "scorer", uri)
     assert version == 1
@@ -229,6 +261,8 @@ def test_pyfunc_model_round_trips_through_the_registry_alias(store, tmp_path):
     assert info is not None and info["version"] == 1 and info["run_id"] == run_id
     assert info["source"] == model_uri
     assert register_model(model_uri, "scorer", uri) == 2  # a second version of an existing model
+    set_alias("scorer", "champion", 2, uri)
+    assert get_alias_version("scorer", "champion", uri)["version"] == 2  # the alias moved
 
     loaded = load_pyfunc("models:/scorer@champion", uri)
     scores = np.asarray(loaded.predict(frame))
@@ -236,7 +270,8 @@ def test_pyfunc_model_round_trips_through_the_registry_alias(store, tmp_path):
     np.testing.assert_array_equal(scores, expected)
 
     # the logged environment names installable versions only
-    reqs = (Path(mlflow.artifacts.download_artifacts(f"{model_uri}/requirements.txt"))).read_text()
+    model_dir = client.get_model_version_download_uri("scorer", "1")
+    reqs = Path(mlflow.artifacts.download_artifacts(f"{model_dir}/requirements.txt")).read_text()
     assert "torch==" + torch.__version__.split("+")[0] in reqs.splitlines()
     assert "+" not in reqs
 
@@ -255,7 +290,11 @@ def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
     assert data_dir.is_dir()
 
 
-def test_null_tracker_records_what_it_was_given():
+def test_null_tracker_records_what_it_was_given(tmp_path):
+    model_dir = tmp_path / "model"
+    (model_dir / "sub").mkdir(parents=True)
+    (model_dir / "model.json").write_text("{}")
+    (model_dir / "sub" / "w.pt").write_text("")
     tracker = NullTracker()
     assert isinstance(tracker, Tracker)
     with tracker.start_run("flow", "flow-run") as parent:
@@ -269,6 +308,7 @@ def test_null_tracker_records_what_it_was_given():
             tracker.log_artifact("/some/where/file.bin", artifact_path="ckpt")
             tracker.log_dict({"n": 1}, "summary")
             tracker.log_figure(object(), "curve")
+            tracker.log_model_dir(model_dir)
             tracker.log_input("events", "d1", {"events": 10}, "data/events.parquet")
             uri = tracker.log_pyfunc_model(object(), "scorer", {"checkpoint": "/ckpt"}, None, "scorer")
     with pytest.raises(KeyError), tracker.start_run("flow", "bad"):
@@ -284,7 +324,13 @@ def test_null_tracker_records_what_it_was_given():
     assert tracker.params["opt.lr"] == "0.01" and len(tracker.params["long"]) == MAX_PARAM_CHARS
     assert tracker.metrics == {"loss": [(0, 2.0), (5, 1.0)], "hr_at_10": [(5, 0.5)]}
     assert tracker.tags == {"k": "3"}
-    assert tracker.artifacts == ["ckpt/file.bin", "summary.json", "curve.png"]
+    assert tracker.artifacts == [
+        "ckpt/file.bin",
+        "summary.json",
+        "curve.png",
+        "model/model.json",
+        "model/sub/w.pt",
+    ]
     assert tracker.dicts == {"summary.json": {"n": 1}}
     assert tracker.inputs[0]["counts"] == {"events": 10}
     assert tracker.models[0]["registered_model_name"] == "scorer" and tracker.models[0]["uri"] == uri

@@ -171,7 +171,7 @@ def _kind_of(path: Path) -> tuple[str, str | None]:
     return "csv", None
 
 
-def _check_utf8(path: Path, shown: Path) -> None:
+def check_utf8(path: Path, shown: Path) -> None:
     """Stream-decode the file; name the line of the first byte that is not UTF-8."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     line, offset = 1, 0
@@ -241,7 +241,7 @@ def open_source(path: str | Path, spec: FormatSpec, workdir: Path) -> Source:
         if n_rows == 0:
             raise IngestError(f"{shown}: no rows")
     else:
-        _check_utf8(read_path, shown)
+        # Encoding is checked by the scan itself (Polars refuses invalid UTF-8); check_utf8 then names the line.
         lines = _first_lines(read_path, 2)
         if not lines:
             raise IngestError(f"{shown}: empty file (only blank lines)")
@@ -274,6 +274,6 @@ def open_source(path: str | Path, spec: FormatSpec, workdir: Path) -> Source:
     if missing:
         raise IngestError(f"{shown}: missing required column(s) {missing}; found columns {found}")
     raw_columns = [c for c in found if not c.startswith("_sep")]
-    estimated = n_rows if kind == "parquet" else read_path.stat().st_size // 24
+    estimated = n_rows if kind == "parquet" else read_path.stat().st_size // 32
     return Source(path=shown, spec=spec, kind=kind, read_path=read_path, raw_columns=raw_columns,
                   estimated_rows=estimated)

@@ -18,7 +18,15 @@ import polars as pl
 
 from recsys_pretrain import schema as S
 from recsys_pretrain.config import IngestConfig
-from recsys_pretrain.data.formats import FORMATS, FormatSpec, IngestError, Source, generic_spec, open_source
+from recsys_pretrain.data.formats import (
+    FORMATS,
+    FormatSpec,
+    IngestError,
+    Source,
+    check_utf8,
+    generic_spec,
+    open_source,
+)
 from recsys_pretrain.io import atomic_dir, write_json, write_text
 from recsys_pretrain.vocab import Vocab
 
@@ -34,6 +42,8 @@ _ISO_FORMATS = (
 )
 # Internal column names of the parsed frame.
 _FILE = "_file"
+# lz4 writes about twice as fast as zstd here for files ~1.6x larger; every Parquet reader reads it.
+PARQUET_COMPRESSION = "lz4"
 _ORDER = (_FILE, S.SOURCE_ROW)
 
 
@@ -208,6 +218,8 @@ def _split_valid_invalid(
                 break
             except pl.exceptions.PolarsError as exc:
                 if not typed:
+                    if src.kind != "parquet":
+                        check_utf8(src.read_path, src.path)  # the usual cause; names the line
                     raise IngestError(f"{src.path}: cannot be read as {src.spec.name}/{src.kind}: {exc}") from None
         if in_memory:
             frames.append(out[0])
@@ -225,12 +237,26 @@ def _vocab_of(events: pl.LazyFrame) -> Vocab:
     return Vocab.from_ids(users, items)
 
 
-def _with_index(events: pl.LazyFrame, vocab: Vocab) -> pl.LazyFrame:
-    """Add user_idx and item_idx (a hash join on the vocab: faster than a binary search per row)."""
-    users = pl.LazyFrame({S.USER_ID: vocab.users}).with_row_index(S.USER_IDX)
-    items = pl.LazyFrame({S.ITEM_ID: vocab.items}).with_row_index(S.ITEM_IDX, offset=1)
-    return events.join(users, on=S.USER_ID, how="left", maintain_order="left").join(
-        items, on=S.ITEM_ID, how="left", maintain_order="left"
+def _index_of(raw: pl.Series, ids: pl.Series, offset: int) -> pl.Series:
+    """Dense index (position in the sorted `ids` + offset) of every raw id, as UInt32.
+
+    Integer ids that span a modest range go through a lookup table (one gather); others through a
+    hash join. Both are exact; the table is just faster.
+    """
+    if raw.dtype.is_integer() and len(ids):
+        lo, hi = int(ids[0]), int(ids[-1])
+        if hi - lo < max(64 * len(ids), 1 << 24):
+            lut = np.zeros(hi - lo + 1, dtype=np.uint32)
+            lut[ids.to_numpy() - lo] = np.arange(offset, len(ids) + offset, dtype=np.uint32)
+            return pl.Series(lut[raw.to_numpy() - lo])
+    table = pl.DataFrame({"id": ids, "idx": pl.int_range(offset, len(ids) + offset, dtype=pl.UInt32, eager=True)})
+    return pl.DataFrame({"id": raw}).join(table, on="id", how="left", maintain_order="left")["idx"]
+
+
+def _add_index(df: pl.DataFrame, vocab: Vocab) -> pl.DataFrame:
+    return df.with_columns(
+        _index_of(df[S.USER_ID], vocab.users, 0).alias(S.USER_IDX),
+        _index_of(df[S.ITEM_ID], vocab.items, 1).alias(S.ITEM_IDX),
     )
 
 
@@ -246,25 +272,22 @@ def _sort_events(df: pl.DataFrame) -> pl.DataFrame:
     return df.sort([S.USER_IDX, S.TIMESTAMP], nulls_last=False, maintain_order=True)
 
 
-def _user_ranges(indexed: pl.LazyFrame, n_users: int, max_rows: int) -> list[tuple[int, int]]:
-    """Contiguous user-index ranges holding at most ~max_rows events each (one range if all fit)."""
-    counts = indexed.group_by(S.USER_IDX).len().collect(engine="streaming")
-    per_user = np.zeros(n_users, dtype=np.int64)
-    per_user[counts[S.USER_IDX].to_numpy()] = counts["len"].to_numpy()
-    cum = np.cumsum(per_user)
-    if n_users == 0:
-        return []
+def _user_ranges(valid: pl.LazyFrame, vocab: Vocab, max_rows: int) -> list[tuple[object, object]]:
+    """Contiguous ranges of raw user ids (in vocab order) holding at most ~max_rows events each."""
+    counts = valid.group_by(S.USER_ID).len().sort(S.USER_ID).collect(engine="streaming")
+    cum = counts["len"].cast(pl.Int64).cum_sum().to_numpy()  # users in vocab order: both are sorted ids
     cuts = np.searchsorted(cum, np.arange(max_rows, cum[-1], max_rows), side="right")
     starts = np.unique(np.concatenate([[0], cuts]))
-    ends = np.append(starts[1:], n_users) - 1
-    return [(int(lo), int(hi)) for lo, hi in zip(starts, ends, strict=True)]
+    ends = np.append(starts[1:], vocab.n_users) - 1
+    return [(vocab.users[int(lo)], vocab.users[int(hi)]) for lo, hi in zip(starts, ends, strict=True)]
 
 
-def _drop_repeats(df: pl.DataFrame) -> pl.DataFrame:
-    """Drop exact repeats of (user, item, timestamp, event_type), keeping the first in input order.
+def _repeats(df: pl.DataFrame) -> np.ndarray:
+    """Row numbers of exact repeats of (user, item, timestamp, event_type), the first in input order kept.
 
-    `df` is sorted by user, time, input order, so repeats sit in runs of one user and one timestamp;
-    only rows in such runs are checked, by one 64-bit key: (run number, item, event type).
+    `df` is sorted by user, time, input order, so repeats sit in runs of one user and one timestamp.
+    Rows in such runs get one 64-bit key (run number, item, event type); a stable sort of the keys,
+    nearly sorted already, puts repeats side by side with the first occurrence in front.
     """
     u, t = pl.col(S.USER_IDX), pl.col(S.TIMESTAMP)
     new_run = ~((u == u.shift(1)) & (t == t.shift(1))).fill_null(False)
@@ -272,46 +295,50 @@ def _drop_repeats(df: pl.DataFrame) -> pl.DataFrame:
     flags = df.select(new_run.alias("new"), in_run.alias("in")).to_numpy()
     candidates = np.flatnonzero(flags[:, 1])
     if len(candidates) == 0:
-        return df
+        return candidates
     run = np.cumsum(flags[:, 0])[candidates].astype(np.uint64)  # (n_candidates,)
     item = df[S.ITEM_IDX].to_numpy()[candidates].astype(np.uint64)
     event = df[S.EVENT_TYPE].to_physical().to_numpy()[candidates].astype(np.uint64)
     if run.max() < 2**32 and item.max() < 2**29:
-        key = pl.Series((run << np.uint64(32)) | (item << np.uint64(3)) | event)
-        first = key.is_first_distinct().to_numpy()
+        key = (run << np.uint64(32)) | (item << np.uint64(3)) | event
+        order = np.argsort(key, kind="stable")
+        k = key[order]
+        repeat = np.zeros(len(k), dtype=bool)
+        repeat[1:] = k[1:] == k[:-1]
+        dup = candidates[order[repeat]]
     else:  # catalogues beyond 2^29 items: hash the columns instead
         first = pl.DataFrame({"r": run, "i": item, "e": event}).select(
             pl.struct("r", "i", "e").is_first_distinct()).to_series().to_numpy()
-    if first.all():
-        return df  # nothing to drop: spare the copy of every column
-    keep = np.ones(df.height, dtype=bool)
-    keep[candidates[~first]] = False
-    return df.filter(pl.Series(keep))
+        dup = candidates[~first]
+    return dup
 
 
 def _sort_dedupe(
-    indexed: pl.LazyFrame, n_users: int, cfg: IngestConfig, has_time: bool, path: Path, columns: list[str]
+    valid: pl.LazyFrame, vocab: Vocab, cfg: IngestConfig, has_time: bool, path: Path, columns: list[str],
+    in_memory: bool,
 ) -> int:
-    """Write `indexed` to `path` sorted by user, time, input order, minus exact repeats; return the
-    number of repeats. Works one user range at a time, so memory is bounded by `partition_rows`."""
-    ranges = _user_ranges(indexed, n_users, cfg.partition_rows) if n_users else []
+    """Write the valid rows with their indices to `path`, sorted by user, time, input order, minus exact
+    repeats; return the number of repeats. Large inputs go one user range at a time (bounded memory)."""
+    ranges = [None] if in_memory or vocab.n_users == 0 else _user_ranges(valid, vocab, cfg.partition_rows)
     n_dup, parts = 0, []
-    for k, (lo, hi) in enumerate(ranges):
-        part = indexed if len(ranges) == 1 else indexed.filter(pl.col(S.USER_IDX).is_between(lo, hi))
-        df = _sort_events(part.collect(engine="streaming"))
-        if cfg.dedupe and has_time:
-            n = df.height
-            df = _drop_repeats(df)
-            n_dup += n - df.height
+    for k, bounds in enumerate(ranges):
+        part = valid if bounds is None else valid.filter(
+            pl.col(S.USER_ID).is_between(pl.lit(bounds[0]), pl.lit(bounds[1])))
+        df = _sort_events(_add_index(part.collect(engine="streaming"), vocab))
         parts.append(path.with_name(f"{path.stem}-{k:05d}.parquet"))
-        df.select(columns).write_parquet(parts[-1])
+        dup = _repeats(df) if cfg.dedupe and has_time else np.zeros(0, dtype=np.int64)
+        n_dup += len(dup)
+        if len(dup):  # drop them while writing (streamed), not by copying the whole frame first
+            keep = np.ones(df.height, dtype=bool)
+            keep[dup] = False
+            df.lazy().filter(pl.Series(keep)).select(columns).sink_parquet(parts[-1], compression=PARQUET_COMPRESSION)
+        else:
+            df.select(columns).write_parquet(parts[-1], compression=PARQUET_COMPRESSION)
         del df
     if len(parts) == 1:
         parts[0].rename(path)
-    elif parts:
-        pl.scan_parquet(parts).sink_parquet(path, engine="streaming")  # a streaming concatenation
-    else:  # no valid rows at all: still write the (empty) frame with its schema
-        indexed.head(0).select(columns).collect().write_parquet(path)
+    else:  # a streaming concatenation of the user ranges, already in order
+        pl.scan_parquet(parts).sink_parquet(path, engine="streaming", compression=PARQUET_COMPRESSION)
     return n_dup
 
 
@@ -387,7 +414,7 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
         final_columns = [*S.CANONICAL_COLUMNS, S.USER_IDX, S.ITEM_IDX]
         sorted_path = work / "sorted.parquet" if use_kcore else stage / "events.parquet"
         columns = final_columns + list(_ORDER) if use_kcore else final_columns
-        n_dup = _sort_dedupe(_with_index(valid, vocab), vocab.n_users, cfg, has_time, sorted_path, columns)
+        n_dup = _sort_dedupe(valid, vocab, cfg, has_time, sorted_path, columns, in_memory)
         kcore = {"min_user_events": cfg.min_user_events, "min_item_events": cfg.min_item_events,
                  "rows_removed": 0, "iterations": 0}
         quarantine_parts = [pl.scan_parquet(p) for p in bad_paths]
@@ -399,7 +426,8 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
                 events = events.join(dropped.lazy().select(*_ORDER), on=list(_ORDER), how="anti",
                                      maintain_order="left")
                 vocab = _vocab_of(events)
-                events = _with_index(events.drop(S.USER_IDX, S.ITEM_IDX), vocab)  # order is kept
+                events = events.collect()
+                events = _add_index(events.drop(S.USER_IDX, S.ITEM_IDX), vocab).lazy()  # order is kept
                 # Re-read the dropped rows as written in their files, so the quarantine keeps them verbatim.
                 for i, src in enumerate(sources):
                     mine = dropped.filter(pl.col(_FILE) == i).drop(_FILE)
@@ -407,7 +435,8 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
                         raw = src.scan().with_columns(pl.col(S.SOURCE_ROW).cast(pl.UInt64))
                         raw = raw.join(mine.lazy(), on=S.SOURCE_ROW, how="inner")
                         quarantine_parts.append(raw.select(_quarantine_columns(src, i)))
-            events.select(final_columns).sink_parquet(stage / "events.parquet", engine="streaming")
+            events.select(final_columns).sink_parquet(stage / "events.parquet", engine="streaming",
+                                                      compression=PARQUET_COMPRESSION)
         vocab.save(stage / "vocab.json")
 
         quarantine = (
