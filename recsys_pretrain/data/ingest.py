@@ -471,7 +471,10 @@ def _report(stage: Path, cfg: IngestConfig, per_file: list[dict], rows_read: int
     stats = ev.select(pl.len().alias("n"), pl.col(S.TIMESTAMP).min().alias("t0"),
                       pl.col(S.TIMESTAMP).max().alias("t1")).collect().row(0, named=True)
     lengths = ev.group_by(S.USER_IDX).len().collect()["len"]
+    first = Path(inputs[0])
+    name = first.name.split(".")[0] + (f"+{len(inputs) - 1}" if len(inputs) > 1 else "")
     return {
+        "dataset": name,
         "format": cfg.format,
         "inputs": [str(p) for p in inputs],
         "rows_read": rows_read,

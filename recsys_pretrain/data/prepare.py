@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from dataclasses import asdict
@@ -75,7 +76,9 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig) -> dict:
             }
 
         lengths = loo.select(pl.col("train").list.len()).to_series()
+        report = json.loads((ingested / "report.json").read_text()) if (ingested / "report.json").exists() else {}
         meta = {
+            "dataset": report.get("dataset", ingested.name),
             "source": str(ingested),
             "events_sha256": file_sha256(events_path),
             "n_users": vocab.n_users,

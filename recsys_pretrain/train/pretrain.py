@@ -81,7 +81,7 @@ def load_prepared(path: str | Path) -> PreparedData:
         seqs[u] = np.asarray(items, dtype=np.int64)
     valid[users] = loo["valid"].fill_null(-1).to_numpy()
     test[users] = loo["test"].fill_null(-1).to_numpy()
-    name = Path(meta.get("source", path.name)).name or path.name
+    name = meta.get("dataset") or path.name
     return PreparedData(name=name, path=path, vocab=vocab, meta=meta, train_seqs=seqs, valid=valid, test=test,
                         train_matrix=sp.load_npz(path / "train_matrix.npz").tocsr())
 
