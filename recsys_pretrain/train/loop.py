@@ -85,6 +85,7 @@ def fit(
     `checkpoint_dir/last.pt` when it exists. `on_epoch(epoch, row)` sees each epoch's history row."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    device = next(model.parameters()).device  # batches follow the model (CPU here; a GPU if it was moved)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * task.n_batches()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
@@ -93,14 +94,14 @@ def fit(
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     best_path = checkpoint_dir / "best.pt" if checkpoint_dir else None
     if last is not None and last.exists():
-        ckpt = torch.load(last, weights_only=True)
+        ckpt = torch.load(last, weights_only=True, map_location=device)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
         log.info("resumed from %s at epoch %d", last, state["epoch"])
     best_state = (
-        torch.load(best_path, weights_only=True)["model"] if best_path is not None and best_path.exists() else None
+        torch.load(best_path, weights_only=True, map_location=device)["model"] if best_path is not None and best_path.exists() else None
     )
 
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -120,7 +121,7 @@ def fit(
 
             batches = tqdm(batches, total=task.n_batches(), desc=f"epoch {epoch}", leave=False)
         for batch in batches:
-            _, loss = model(**batch)
+            _, loss = model(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

@@ -183,9 +183,13 @@ class SequenceTask:
 def score_function(model: nn.Module, data: PreparedData, stage: str) -> Callable[[np.ndarray], torch.Tensor]:
     """users (b,) -> (b, n_items) scores for predicting `stage`'s target."""
     if isinstance(model, nn.Module) and hasattr(model, "score_users"):  # MF: a vector per user
-        return lambda users: model.score_users(torch.from_numpy(users))
+        return lambda users: model.score_users(torch.from_numpy(users).to(_device(model))).cpu()
     hist = data.histories(stage)
-    return lambda users: model(query_inputs([hist[u] for u in users], model))[0]
+    return lambda users: model(query_inputs([hist[u] for u in users], model).to(_device(model)))[0].cpu()
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def query_inputs(histories: list[np.ndarray], model: nn.Module) -> torch.Tensor:
@@ -279,8 +283,10 @@ class PretrainResult:
 
 
 def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tracker=None,
-             run_name: str | None = None, parent_run_id: str | None = None) -> PretrainResult:
-    """Train `cfg.model` on a prepared dataset; write `out_dir/{checkpoints,model}`; track the run."""
+             run_name: str | None = None, parent_run_id: str | None = None,
+             on_epoch: Callable[[int, dict], None] | None = None) -> PretrainResult:
+    """Train `cfg.model` on a prepared dataset; write `out_dir/{checkpoints,model}`; track the run.
+    `on_epoch(epoch, history_row)` is called after each epoch (after its checkpoint is written)."""
     from recsys_pretrain.tracking import NullTracker, git_commit
 
     tracker = tracker or NullTracker()
@@ -308,12 +314,14 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                                   "train_interactions": int(data.meta["loo"]["train_interactions"])},
                           source=str(data.path))
 
-        def on_epoch(epoch: int, row: dict) -> None:
+        def log_epoch(epoch: int, row: dict) -> None:
             tracker.log_metrics({k.replace("val_", "val/").replace("train_loss", "train/loss"): v
                                  for k, v in row.items() if k != "epoch"}, step=epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, row)
 
         result = fit(model, task, tcfg, lambda m: evaluate(m, data, "valid", tcfg.eval_batch_size),
-                     checkpoint_dir=out_dir / "checkpoints", on_epoch=on_epoch)
+                     checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch)
         valid = evaluate(model, data, "valid", tcfg.eval_batch_size)
         test = evaluate(model, data, "test", tcfg.eval_batch_size)
         pop = evaluate_popularity(data, "test")

@@ -1,0 +1,101 @@
+"""BERT4Rec recipe sweep: validation NDCG@10 per epoch for several training recipes on one prepared dataset.
+
+    python benchmarks/bert4rec_sweep.py --data data/ml-1m/prepared --epochs 40 --device cuda --parallel 10
+
+It measures learning per *epoch* (on any device: a GPU runs the sweep in minutes); the CPU cost of an
+epoch of each recipe is measured separately (`--time-epochs 1 --device cpu`), and the two together say
+which recipe learns fastest per CPU second. Results: benchmarks/results/bert4rec_sweep.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+RECIPES: dict[str, list[str]] = {
+    "plain": ["mask_prob=0.2", "last_item_prob=0.0", "window=last", "train.lr=0.001"],
+    "last10": ["last_item_prob=0.1", "window=last", "train.lr=0.001"],
+    "last10_random": ["last_item_prob=0.1", "window=random", "train.lr=0.001"],
+    "last25_lr2": ["last_item_prob=0.25", "train.lr=0.002"],
+    "mask40_lr2": ["mask_prob=0.4", "last_item_prob=0.1", "train.lr=0.002"],
+    "lr2_b256": ["last_item_prob=0.1", "train.lr=0.002", "train.batch_size=256"],
+    "lr3_b256": ["last_item_prob=0.1", "train.lr=0.003", "train.batch_size=256"],
+    "layers3_lr2": ["n_layers=3", "last_item_prob=0.1", "train.lr=0.002"],
+    "drop20_lr2": ["dropout=0.2", "last_item_prob=0.1", "train.lr=0.002"],
+    "len100_lr2": ["max_len=100", "last_item_prob=0.1", "train.lr=0.002"],
+    "d128_lr1": ["dim=128", "n_heads=4", "last_item_prob=0.1", "train.lr=0.001"],
+    "mask30_last20_lr2": ["mask_prob=0.3", "last_item_prob=0.2", "train.lr=0.002"],
+}
+
+ONE = """
+import json, sys, time, torch
+from recsys_pretrain.config import load_config
+from recsys_pretrain.models import BERT4Rec
+from recsys_pretrain.train.loop import fit
+from recsys_pretrain.train.pretrain import SequenceTask, evaluate, load_prepared
+data_dir, device, epochs, eval_every, out = sys.argv[1:6]
+over = sys.argv[6:]
+cfg = load_config(None, [f"pretrain.bert4rec.{o}" for o in over] + [
+    f"pretrain.bert4rec.train.epochs={epochs}", f"pretrain.bert4rec.train.eval_every={eval_every}",
+    "pretrain.bert4rec.train.patience=1000", "pretrain.bert4rec.train.progress=false"]).pretrain.bert4rec
+torch.manual_seed(cfg.train.seed)
+data = load_prepared(data_dir)
+model = BERT4Rec(data.n_items, cfg).to(device)
+task = SequenceTask(data.train_seqs, cfg, data.n_items, cfg.train.batch_size)
+t0 = time.perf_counter()
+res = fit(model, task, cfg.train, lambda m: evaluate(m, data, "valid", 1024))
+test = evaluate(model, data, "test", 1024)
+json.dump({"overrides": over, "device": device, "history": res.history, "best_epoch": res.best_epoch,
+           "best_val": res.best_metrics, "test_at_best_val": test, "seconds": time.perf_counter() - t0},
+          open(out, "w"))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data/ml-1m/prepared")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=2)
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--out", default="benchmarks/results/bert4rec_sweep")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pending = list(args.recipes)
+    running: list[tuple[str, subprocess.Popen, Path]] = []
+    results = {}
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            path = out.with_name(f"{out.name}-{name}.json")
+            cmd = [sys.executable, "-c", ONE, args.data, args.device, str(args.epochs), str(args.eval_every),
+                   str(path), *RECIPES[name]]
+            running.append((name, subprocess.Popen(cmd, stderr=open(f"{path}.log", "w")), path))
+        time.sleep(2)
+        for item in list(running):
+            name, proc, path = item
+            if proc.poll() is not None:
+                running.remove(item)
+                results[name] = json.loads(path.read_text()) if proc.returncode == 0 else {"failed": proc.returncode}
+                print(f"{name}: done after {time.time() - t0:.0f}s", flush=True)
+    (out.with_suffix(".json")).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    for name, r in results.items():
+        if "failed" in r:
+            print(name, "FAILED")
+            continue
+        curve = [(h["epoch"], round(h["val_ndcg_at_10"], 4)) for h in r["history"] if "val_ndcg_at_10" in h]
+        print(name, "best val", round(r["best_val"]["ndcg_at_10"], 4), "@", r["best_epoch"], "test",
+              round(r["test_at_best_val"]["ndcg_at_10"], 4), curve[::2])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""ML-1M pretraining benchmark: ours (mf, bert4rec) beside popularity, EASE and implicit's ALS and BPR,
+with one protocol: leave-last-out, full ranking over all 3,416 items, the user's history excluded,
+HR@10 and NDCG@10 over all 6,040 users, models chosen on validation.
+
+    python benchmarks/pretrain_ml1m.py                      # the full run (about 70 minutes on 2 cores)
+    python benchmarks/pretrain_ml1m.py --bert4rec-minutes 5 # a quick look
+
+Peers from `implicit` run in their own virtualenv (.venv-bench: `python -m venv .venv-bench &&
+.venv-bench/bin/pip install implicit`), kept out of the main install. Results:
+benchmarks/results/pretrain_ml1m.{md,json} and pretrain_ml1m_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import CACHE, DATASETS, RESULTS, ROOT, write_results  # noqa: E402
+
+from recsys_pretrain.checkpoint import build_model  # noqa: E402
+from recsys_pretrain.config import IngestConfig, PrepareConfig, load_config  # noqa: E402
+from recsys_pretrain.data.ingest import ingest  # noqa: E402
+from recsys_pretrain.data.prepare import prepare  # noqa: E402
+from recsys_pretrain.metrics import evaluate_scores  # noqa: E402
+from recsys_pretrain.train.pretrain import (  # noqa: E402
+    evaluate,
+    evaluate_popularity,
+    history_matrix,
+    load_prepared,
+    pretrain,
+)
+
+SOURCE = DATASETS / "ml-1m" / "ml-1m_sasrec_style.txt"
+WORK = CACHE / "ml-1m"
+BENCH_PY = ROOT / ".venv-bench" / "bin" / "python"
+
+IMPLICIT = """
+import json, sys, time, numpy as np, scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+import implicit
+kind, matrix, out = sys.argv[1:4]
+X = sp.load_npz(matrix).tocsr()
+with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, single-threaded BLAS
+    if kind == "als":
+        m = implicit.cpu.als.AlternatingLeastSquares(factors=64, regularization=0.05, alpha=2.0, iterations=15,
+                                                     random_state=0)
+    else:
+        m = implicit.cpu.bpr.BayesianPersonalizedRanking(factors=64, learning_rate=0.01, regularization=0.01,
+                                                         iterations=100, random_state=0)
+    t = time.perf_counter(); m.fit(X, show_progress=False); secs = time.perf_counter() - t
+np.save(out + "_users.npy", m.user_factors); np.save(out + "_items.npy", m.item_factors)
+print(json.dumps({"seconds": secs, "version": implicit.__version__}))
+"""
+
+
+def data_ready() -> Path:
+    ing, prep = WORK / "ingested", WORK / "prepared"
+    t = time.perf_counter()
+    r = ingest([SOURCE], ing, IngestConfig(format="sasrec")).report
+    prepare(ing, prep, PrepareConfig())
+    assert (r["users"], r["items"], r["rows_accepted"]) == (6040, 3416, 999_611), r
+    print(f"data: {r['users']} users, {r['items']} items, {r['rows_accepted']:,} interactions "
+          f"({time.perf_counter() - t:.1f}s)", flush=True)
+    return prep
+
+
+def binary(data) -> sp.csr_matrix:
+    m = data.train_matrix[:, 1:].tocsr().astype(np.float32)  # drop the padding column
+    m.data[:] = 1.0
+    return m
+
+
+def eval_factors(data, users: np.ndarray, items: np.ndarray, stage: str) -> dict:
+    U, V = torch.from_numpy(users).float(), torch.from_numpy(items).float()
+    t = data.targets(stage)
+    idx = np.flatnonzero(t >= 0)
+    return evaluate_scores(lambda u: U[torch.from_numpy(u)] @ V.T, idx, t[idx],
+                           history_matrix(data.histories(stage), data.n_items), data.n_items)
+
+
+def run_implicit(kind: str, data) -> dict:
+    if not BENCH_PY.exists():
+        return {"skipped": f"{BENCH_PY} missing: python -m venv .venv-bench && .venv-bench/bin/pip install implicit"}
+    path = WORK / "train_binary.npz"
+    sp.save_npz(path, binary(data))
+    out = subprocess.run([str(BENCH_PY), "-c", IMPLICIT, kind, str(path), str(WORK / kind)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        return {"failed": out.stderr[-2000:]}
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    users, items = np.load(WORK / f"{kind}_users.npy"), np.load(WORK / f"{kind}_items.npy")
+    return {"fit_seconds": info["seconds"], "version": info["version"],
+            "valid": eval_factors(data, users, items, "valid"), "test": eval_factors(data, users, items, "test")}
+
+
+def run_ease(data) -> dict:
+    """EASE (Steck 2019): a closed-form item-item model; lambda chosen on validation."""
+    X = binary(data)
+    best = None
+    t0 = time.perf_counter()
+    G = (X.T @ X).toarray().astype(np.float64)
+    for lam in (100.0, 300.0, 1000.0):
+        P = np.linalg.inv(G + lam * np.eye(G.shape[0]))
+        B = -P / np.diag(P)
+        np.fill_diagonal(B, 0.0)
+        Bt = torch.from_numpy(B).float()
+        res = {}
+        for stage in ("valid", "test"):
+            hist = history_matrix(data.histories(stage), data.n_items)
+            H = hist[:, 1:].tocsr()
+            t = data.targets(stage)
+            idx = np.flatnonzero(t >= 0)
+            res[stage] = evaluate_scores(lambda u, H=H, Bt=Bt: torch.from_numpy(H[u].toarray()) @ Bt, idx, t[idx],
+                                         hist, data.n_items)
+        if best is None or res["valid"]["ndcg_at_10"] > best["valid"]["ndcg_at_10"]:
+            best = {"lambda": lam, **res}
+    best["fit_seconds"] = (time.perf_counter() - t0) / 3  # one fit (of the three lambdas)
+    return best
+
+
+def run_ours(prep: Path, model: str, overrides: list[str], minutes: float | None) -> dict:
+    cfg = load_config(None, [f"pretrain.{model}.{o}" for o in overrides] +
+                      [f"pretrain.model={model}", f"pretrain.{model}.train.progress=false"]).pretrain
+    if minutes is not None:
+        mcfg = getattr(cfg, model)
+        cfg = dataclasses.replace(cfg, **{model: dataclasses.replace(
+            mcfg, train=dataclasses.replace(mcfg.train, max_minutes=minutes))})
+    out = WORK / f"run-{model}"
+    shutil.rmtree(out, ignore_errors=True)
+    marks: dict = {}
+
+    def snapshot(epoch: int, row: dict) -> None:
+        # Keep the best-on-validation weights as they stood at each mark, to test them afterwards.
+        for m in (12.0, 30.0):
+            if row["elapsed_s"] >= m * 60 and m not in marks and (out / "checkpoints" / "best.pt").exists():
+                shutil.copy(out / "checkpoints" / "best.pt", out / f"best_at_{m:.0f}min.pt")
+                marks[m] = {"epoch": epoch, "elapsed_min": row["elapsed_s"] / 60}
+
+    res = pretrain(prep, cfg, out, run_name=f"bench-{model}", on_epoch=snapshot)
+    data = load_prepared(prep)
+    for m, info in marks.items():
+        ckpt = torch.load(out / f"best_at_{m:.0f}min.pt", weights_only=True)
+        net = build_model(model, getattr(cfg, model), data.n_users, data.n_items)
+        net.load_state_dict(ckpt["model"])
+        info.update(best_epoch=ckpt["epoch"], val=ckpt["metrics"]["ndcg_at_10"],
+                    test=evaluate(net, data, "test")["ndcg_at_10"])
+    hist = res.fit.history
+    curve = [(h["elapsed_s"] / 60, h["val_ndcg_at_10"]) for h in hist if "val_ndcg_at_10" in h]
+    return {"config": dataclasses.asdict(getattr(cfg, model)), "fit_seconds": res.fit.train_seconds,
+            "epochs": res.fit.epochs_run, "best_epoch": res.fit.best_epoch, "stopped": res.fit.stopped,
+            "valid": res.valid, "test": res.test, "curve_minutes_val_ndcg": curve,
+            "marks": {f"{m:.0f} min": v for m, v in marks.items()}}
+
+
+def plot(curve: list, path: Path, published: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label="ours: bert4rec (validation)")
+    ax.axhline(0.154, ls="--", color="grey", label="published BERT4Rec test NDCG@10 (GPU)")
+    ax.set_xlabel("training wall-clock minutes (2 CPU cores)")
+    ax.set_ylabel("NDCG@10, full ranking")
+    ax.set_title("ML-1M: BERT4Rec validation NDCG@10 against time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(res: dict) -> str:
+    rows = []
+    for name, r in res["models"].items():
+        if "test" not in r:
+            rows.append(f"| {name} | - | - | - | {r.get('skipped') or 'failed'} |")
+            continue
+        t = r["test"]
+        secs = r.get("fit_seconds")
+        rows.append(f"| {name} | {t['hr_at_10']:.4f} | {t['ndcg_at_10']:.4f} | "
+                    f"{'-' if secs is None else f'{secs:,.1f} s'} | {r.get('note', '')} |")
+    b = res["models"].get("ours: bert4rec", {})
+    lines = [
+        "# ML-1M pretraining: full-ranking leave-last-out, side by side",
+        "",
+        "6,040 users, 3,416 items, 999,611 interactions (ingested and prepared by this project). Test = each",
+        "user's last item, validation = the one before; every one of the 3,416 items is ranked, the user's",
+        "history is excluded, metrics over all 6,040 users. Models chosen on validation.",
+        "",
+        "| model | test HR@10 | test NDCG@10 | training wall time | note |",
+        "|---|---:|---:|---:|---|",
+        *rows,
+        "",
+    ]
+    if "curve_minutes_val_ndcg" in b:
+        lines += ["## BERT4Rec: validation NDCG@10 against wall-clock minutes", "",
+                  "![curve](pretrain_ml1m_curve.png)", "",
+                  "| minutes | " + " | ".join(f"{m:.1f}" for m, _ in b["curve_minutes_val_ndcg"]) + " |",
+                  "|---|" + "---:|" * len(b["curve_minutes_val_ndcg"]),
+                  "| val NDCG@10 | " + " | ".join(f"{v:.4f}" for _, v in b["curve_minutes_val_ndcg"]) + " |", ""]
+        for m, info in b.get("marks", {}).items():
+            lines.append(f"- At {m}: the best-on-validation model so far (epoch {info['best_epoch']}) has "
+                         f"validation NDCG@10 {info['val']:.4f} and **test NDCG@10 {info['test']:.4f}**.")
+        lines.append("")
+    lines += res.get("notes", [])
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bert4rec-minutes", type=float, default=60.0)
+    ap.add_argument("--bert4rec", nargs="*", default=[], help="overrides, e.g. dim=64 train.lr=0.001")
+    ap.add_argument("--skip", nargs="*", default=[], help="any of: peers mf bert4rec")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    prep = data_ready()
+    data = load_prepared(prep)
+    res: dict = {"models": {}, "notes": []}
+    partial = RESULTS / "pretrain_ml1m.partial.json"
+
+    def save() -> None:
+        partial.write_text(json.dumps(res, indent=1, default=str))
+
+    res["models"]["popularity"] = {"test": evaluate_popularity(data, "test"), "fit_seconds": 0.0}
+    if "peers" not in args.skip:
+        res["models"]["EASE"] = run_ease(data)
+        res["models"]["EASE"]["note"] = f"lambda {res['models']['EASE']['lambda']:.0f} (on validation)"
+        for kind in ("als", "bpr"):
+            res["models"][f"implicit {kind.upper()}"] = run_implicit(kind, data)
+            save()
+    if "mf" not in args.skip:
+        res["models"]["ours: mf"] = run_ours(prep, "mf", [], None)
+        res["models"]["ours: mf"]["note"] = "softmax loss, 64 d"
+        save()
+    if "bert4rec" not in args.skip:
+        r = run_ours(prep, "bert4rec", args.bert4rec, args.bert4rec_minutes)
+        c = r["config"]
+        r["note"] = (f"{c['dim']} d, {c['n_layers']} layers, length {c['max_len']}, mask {c['mask_prob']}, "
+                     f"last-item {c['last_item_prob']}, lr {c['train']['lr']}; stopped: {r['stopped']}")
+        res["models"]["ours: bert4rec"] = r
+        plot(r["curve_minutes_val_ndcg"], RESULTS / "pretrain_ml1m_curve.png")
+        save()
+    write_results("pretrain_ml1m", res, markdown(res))
+    partial.unlink(missing_ok=True)
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
