@@ -36,7 +36,8 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig) -> dict:
     if not events_path.exists():
         raise FileNotFoundError(f"{events_path}: not found; run `recsys-pretrain ingest` first")
     vocab = Vocab.load(ingested / "vocab.json")
-    events = pl.scan_parquet(events_path)
+    # Only the columns the splits need: the text columns of a large log would dominate memory.
+    events = pl.scan_parquet(events_path).select(S.USER_IDX, S.ITEM_IDX, S.TIMESTAMP, S.EVENT_TYPE)
     inter = split.interactions(events, cfg.sequence_event_types, cfg.collapse_repeats)
 
     with atomic_dir(out) as stage:
