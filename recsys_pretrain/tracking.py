@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import mlflow
+import pandas as pd
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
@@ -42,6 +43,7 @@ __all__ = [
     "MLflowTracker",
     "NullTracker",
     "Tracker",
+    "EmbeddingScorer",
     "download_artifacts",
     "flatten_params",
     "get_alias_version",
@@ -262,6 +264,9 @@ class Tracker(Protocol):
 
     def log_model_dir(self, path: str | Path, name: str = "model") -> None: ...
 
+    def log_recommender(self, model_dir: str | Path, name: str = "model",
+                        registered_model_name: str | None = None) -> str: ...
+
     def log_dict(self, obj: dict, name: str) -> None: ...
 
     def log_figure(self, fig, name: str) -> None: ...
@@ -418,6 +423,12 @@ class MLflowTracker:
             raise NotADirectoryError(path)
         self.log_artifact(path, artifact_path=name)
 
+    def log_recommender(self, model_dir: str | Path, name: str = "model",
+                        registered_model_name: str | None = None) -> str:
+        """Log a model directory as a pyfunc `EmbeddingScorer`; returns its `models:/` uri."""
+        return self.log_pyfunc_model(EmbeddingScorer(), name, {"model_dir": str(model_dir)},
+                                     scorer_input_example(model_dir), registered_model_name)
+
     def log_dict(self, obj: dict, name: str) -> None:
         """JSON artifact `name` (`.json` added when missing); non-JSON values (paths, numpy) via str()."""
         text = json.dumps(obj, indent=2, sort_keys=True, default=str)
@@ -471,6 +482,48 @@ class MLflowTracker:
                 registered_model_name=registered_model_name,
             )
         return info.model_uri
+
+
+# --------------------------------------------------------------------------------------------------
+# the logged model: a model directory served as a pyfunc
+
+
+class EmbeddingScorer(mlflow.pyfunc.PythonModel):
+    """Scores `(user_id, item_id)` pairs given in raw ids with a model directory's embeddings.
+
+    The dot product of a user's and an item's vector is the model's own score (see the models'
+    `item_embeddings` / `user_embeddings` contract), so this is exactly what the trained model ranks by.
+    Unknown ids score NaN.
+    """
+
+    def load_context(self, context) -> None:
+        import numpy as np
+
+        from recsys_pretrain.vocab import Vocab
+
+        path = Path(context.artifacts["model_dir"])
+        self.users = np.load(path / "user_embeddings.npy")
+        self.items = np.load(path / "item_embeddings.npy")
+        self.vocab = Vocab.load(path / "vocab.json")
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
+        import numpy as np
+
+        u = self.vocab.user_index(list(model_input["user_id"]), strict=False)
+        i = self.vocab.item_index(list(model_input["item_id"]), strict=False)
+        known = (u >= 0) & (i >= 1)
+        scores = np.full(len(model_input), np.nan, dtype=np.float64)
+        scores[known] = np.einsum("nd,nd->n", self.users[u[known]], self.items[i[known] - 1])
+        return scores
+
+
+def scorer_input_example(model_dir: str | Path, n: int = 3):
+    """A few (user_id, item_id) raw-id pairs from the model's vocab, for the signature."""
+    from recsys_pretrain.vocab import Vocab
+
+    vocab = Vocab.load(Path(model_dir) / "vocab.json")
+    k = min(n, vocab.n_users, vocab.n_items)
+    return pd.DataFrame({"user_id": vocab.users.head(k).to_list(), "item_id": vocab.items.head(k).to_list()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,6 +609,13 @@ class NullTracker:
         if not Path(path).is_dir():
             raise NotADirectoryError(path)
         self.log_artifact(path, artifact_path=name)
+
+    def log_recommender(self, model_dir: str | Path, name: str = "model",
+                        registered_model_name: str | None = None) -> str:
+        if not (Path(model_dir) / "item_embeddings.npy").exists():
+            raise FileNotFoundError(f"{model_dir}: not a model directory")
+        return self.log_pyfunc_model(EmbeddingScorer(), name, {"model_dir": str(model_dir)}, None,
+                                     registered_model_name)
 
     def log_dict(self, obj: dict, name: str) -> None:
         name = _json_name(name)

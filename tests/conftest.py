@@ -22,3 +22,28 @@ def write(tmp_path):
         return p
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory):
+    """A small synthetic log, ingested and prepared once per test session: (raw csv, ingested, prepared, truth)."""
+    from recsys_pretrain.config import IngestConfig, PrepareConfig
+    from recsys_pretrain.data.ingest import ingest
+    from recsys_pretrain.data.prepare import prepare
+    from recsys_pretrain.data.synthetic import SynthConfig, write_synthetic
+
+    root = tmp_path_factory.mktemp("tiny")
+    raw, truth = root / "events.csv", root / "truth.npz"
+    write_synthetic(SynthConfig(n_users=150, n_items=80, n_categories=5, events_per_user=40, seed=1), raw,
+                    truth=truth)
+    ingest([raw], root / "ingested", IngestConfig(id_type="int"))
+    prepare(root / "ingested", root / "prepared", PrepareConfig())
+    return {"raw": raw, "ingested": root / "ingested", "prepared": root / "prepared", "truth": truth}
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    """A real MLflow SQLite store in the test's temp dir (the env var MLflow sets is restored after)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

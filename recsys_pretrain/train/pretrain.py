@@ -341,10 +341,9 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
         tracker.log_dict(dataclasses.asdict(cfg), "config.json")
         tracker.log_dict({"valid": valid, "test": test, "popularity_test": pop, "history": result.history},
                          "metrics.json")
-        for f in ("model.json", "vocab.json", "item_embeddings.npy", "user_embeddings.npy", "weights.pt"):
-            tracker.log_artifact(model_dir / f, "model_dir")
+        tracker.log_model_dir(model_dir, name="model_dir")  # what `evaluate RUN_ID` and serving fetch
         if result.best_checkpoint is not None and result.best_checkpoint.exists():
             tracker.log_artifact(result.best_checkpoint, "checkpoints")
-        tracker.log_model_dir(model_dir, name="model")
+        tracker.log_recommender(model_dir, name="model")
     return PretrainResult(run_id=run_id, model_dir=model_dir, fit=result, valid=valid, test=test,
                           popularity_test=pop, seconds=time.perf_counter() - t0)
