@@ -6,6 +6,8 @@
       vocab.json             raw id <-> index
       item_embeddings.npy    (n_items, d') row i-1 = item index i; dot products with user vectors = scores
       user_embeddings.npy    (n_users, d') from each user's full history
+      histories.npz          (n_users, n_items + 1) CSR of the items each user has interacted with
+      popularity.npy         (n_items,) interactions per item in training: the fallback ranking
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -35,7 +38,8 @@ def build_model(name: str, cfg: MFConfig | BERT4RecConfig, n_users: int, n_items
 
 
 def save_model_dir(path: str | Path, name: str, cfg, model: nn.Module, vocab: Vocab, item_emb: np.ndarray,
-                   user_emb: np.ndarray, extra: dict | None = None) -> Path:
+                   user_emb: np.ndarray, histories: sp.csr_matrix, popularity: np.ndarray,
+                   extra: dict | None = None) -> Path:
     with atomic_dir(path) as stage:
         meta = {"model": name, "config": dataclasses.asdict(cfg), "n_users": vocab.n_users,
                 "n_items": vocab.n_items, **(extra or {})}
@@ -44,6 +48,8 @@ def save_model_dir(path: str | Path, name: str, cfg, model: nn.Module, vocab: Vo
         vocab.save(stage / "vocab.json")
         np.save(stage / "item_embeddings.npy", item_emb.astype(np.float32))
         np.save(stage / "user_embeddings.npy", user_emb.astype(np.float32))
+        sp.save_npz(stage / "histories.npz", histories.tocsr())
+        np.save(stage / "popularity.npy", np.asarray(popularity, dtype=np.float32))
     return Path(path)
 
 

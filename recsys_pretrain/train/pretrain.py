@@ -334,6 +334,8 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
 
         item_emb, user_emb = embeddings(model, data)
         model_dir = save_model_dir(out_dir / "model", cfg.model, mcfg, model, data.vocab, item_emb, user_emb,
+                                   histories=history_matrix(data.full_sequences(), data.n_items),
+                                   popularity=popularity_scores(data.train_matrix).numpy(),
                                    extra={"dataset": data.name, "test": test, "valid": valid,
                                           "best_epoch": result.best_epoch, "run_id": run_id})
         fig = training_curve(result.history, f"{cfg.model} on {data.name}")
