@@ -122,6 +122,32 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class LabelConfig:
+    """Click and purchase labels, split in time: pretraining < T1 <= fine-tuning < T2 <= test."""
+
+    pretrain_cutoff: str | float = 0.6  # T1: ISO time or quantile of event times
+    test_cutoff: str | float = 0.8  # T2
+    click_window_s: int = 3600  # an impression is clicked if the same item is clicked this soon after
+    purchase_window_s: int = 86_400  # a click converts if the item is bought this soon after
+    negatives_per_positive: int = 4  # logs without impressions: popularity-sampled unseen items
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    init: str = "finetuned"  # frozen | finetuned | random
+    label_fraction: float = 1.0  # share of the fine-tuning labels used (by user-stratified sampling)
+    pretrained_lr_scale: float = 0.1  # learning rate of pretrained embeddings relative to the heads
+    hidden: int = 64
+    valid_share: float = 0.1  # of the fine-tuning labels, held out for early stopping
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=30, batch_size=512, lr=3e-3, weight_decay=1e-4,
+                                            warmup_steps=0, patience=3, eval_every=1, schedule="constant")
+    )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     data_dir: str = "data"
@@ -129,6 +155,7 @@ class RunConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def _convert(tp: Any, value: Any, key: str, base: Any = None) -> Any:

@@ -44,6 +44,7 @@ __all__ = [
     "NullTracker",
     "Tracker",
     "EmbeddingScorer",
+    "RankerScorer",
     "download_artifacts",
     "flatten_params",
     "get_alias_version",
@@ -267,6 +268,9 @@ class Tracker(Protocol):
     def log_recommender(self, model_dir: str | Path, name: str = "model",
                         registered_model_name: str | None = None) -> str: ...
 
+    def log_ranker(self, ranker_dir: str | Path, name: str = "ranker",
+                   registered_model_name: str | None = None) -> str: ...
+
     def log_dict(self, obj: dict, name: str) -> None: ...
 
     def log_figure(self, fig, name: str) -> None: ...
@@ -429,6 +433,12 @@ class MLflowTracker:
         return self.log_pyfunc_model(EmbeddingScorer(), name, {"model_dir": str(model_dir)},
                                      scorer_input_example(model_dir), registered_model_name)
 
+    def log_ranker(self, ranker_dir: str | Path, name: str = "ranker",
+                   registered_model_name: str | None = None) -> str:
+        """Log a fine-tuned ranker directory as a pyfunc `RankerScorer`; returns its `models:/` uri."""
+        return self.log_pyfunc_model(RankerScorer(), name, {"ranker_dir": str(ranker_dir)},
+                                     scorer_input_example(ranker_dir), registered_model_name)
+
     def log_dict(self, obj: dict, name: str) -> None:
         """JSON artifact `name` (`.json` added when missing); non-JSON values (paths, numpy) via str()."""
         text = json.dumps(obj, indent=2, sort_keys=True, default=str)
@@ -515,6 +525,31 @@ class EmbeddingScorer(mlflow.pyfunc.PythonModel):
         scores = np.full(len(model_input), np.nan, dtype=np.float64)
         scores[known] = np.einsum("nd,nd->n", self.users[u[known]], self.items[i[known] - 1])
         return scores
+
+
+class RankerScorer(mlflow.pyfunc.PythonModel):
+    """The fine-tuned ranker: `(user_id, item_id)` raw-id pairs -> columns p_ctr, p_cvr, p_ctcvr.
+    Unknown ids score NaN. This is what re-ranks candidates from the index."""
+
+    def load_context(self, context) -> None:
+        from recsys_pretrain.train.finetune import load_ranker
+
+        self.model, self.feats, self.vocab = load_ranker(context.artifacts["ranker_dir"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        import numpy as np
+
+        from recsys_pretrain.train.finetune import score_pairs
+
+        u = self.vocab.user_index(list(model_input["user_id"]), strict=False)
+        i = self.vocab.item_index(list(model_input["item_id"]), strict=False)
+        known = (u >= 0) & (i >= 1)
+        out = {k: np.full(len(model_input), np.nan) for k in ("p_ctr", "p_cvr", "p_ctcvr")}
+        if known.any():
+            p = score_pairs(self.model, self.feats, u[known], i[known])
+            for k in ("ctr", "cvr", "ctcvr"):
+                out[f"p_{k}"][known] = p[k]
+        return pd.DataFrame(out)
 
 
 def scorer_input_example(model_dir: str | Path, n: int = 3):
@@ -615,6 +650,13 @@ class NullTracker:
         if not (Path(model_dir) / "item_embeddings.npy").exists():
             raise FileNotFoundError(f"{model_dir}: not a model directory")
         return self.log_pyfunc_model(EmbeddingScorer(), name, {"model_dir": str(model_dir)}, None,
+                                     registered_model_name)
+
+    def log_ranker(self, ranker_dir: str | Path, name: str = "ranker",
+                   registered_model_name: str | None = None) -> str:
+        if not (Path(ranker_dir) / "ranker.json").exists():
+            raise FileNotFoundError(f"{ranker_dir}: not a ranker directory")
+        return self.log_pyfunc_model(RankerScorer(), name, {"ranker_dir": str(ranker_dir)}, None,
                                      registered_model_name)
 
     def log_dict(self, obj: dict, name: str) -> None:

@@ -80,13 +80,18 @@ def fit(
     validate: Callable[[nn.Module], dict[str, float]],
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    monitor: str = MONITOR,
+    param_groups: list[dict] | None = None,
 ) -> FitResult:
-    """Train `model` on `task`; `validate(model)` returns metrics with `ndcg_at_10`. Resumes from
-    `checkpoint_dir/last.pt` when it exists. `on_epoch(epoch, row)` sees each epoch's history row."""
+    """Train `model` on `task`; `validate(model)` returns metrics including `monitor` (higher is better).
+    Resumes from `checkpoint_dir/last.pt` when it exists. `on_epoch(epoch, row)` sees each epoch's
+    history row. `param_groups` (AdamW groups, e.g. a lower learning rate for pretrained parts)
+    replaces the single group of all trainable parameters."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = next(model.parameters()).device  # batches follow the model (CPU here; a GPU if it was moved)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * task.n_batches()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_metrics": {}, "bad_evals": 0, "elapsed": 0.0,
@@ -125,7 +130,7 @@ def fit(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
             opt.step()
             sched.step()
             total, n = total + loss.item(), n + 1
@@ -138,8 +143,8 @@ def fit(
             with torch.no_grad():
                 metrics = validate(model)
             row.update({f"val_{k}": v for k, v in metrics.items()})
-            if metrics[MONITOR] > state["best"]:
-                state.update(best=metrics[MONITOR], best_epoch=epoch, best_metrics=metrics, bad_evals=0)
+            if metrics[monitor] > state["best"]:
+                state.update(best=metrics[monitor], best_epoch=epoch, best_metrics=metrics, bad_evals=0)
                 best_state = copy.deepcopy(model.state_dict())
                 if best_path is not None:
                     _save(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics})
