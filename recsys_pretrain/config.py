@@ -148,6 +148,29 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    """The nightly flow's two gates: data quality before training, and champion vs challenger."""
+
+    max_volume_change: float = 0.5  # |events tonight / events last night - 1| above this stops the flow
+    max_quarantine_rate: float = 0.05  # quarantined / read above this stops the flow
+    max_unknown_item_share: float = 0.5  # share of tonight's items unseen last night above this stops it
+    metric: str = "test/ndcg_at_10"  # the promotion metric, higher is better
+    margin: float = 0.0  # a challenger must beat the champion by more than this
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    inputs: tuple[str, ...] = ()  # raw logs; empty = generate the synthetic log (`synth`)
+    models: tuple[str, ...] = ("mf", "bert4rec")
+    finetune: bool = True
+    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
+    registry_prefix: str = "recsys"  # registered models: <prefix>-mf, <prefix>-bert4rec, <prefix>-ranker
+    schedule_cron: str = "0 2 * * *"  # nightly at 02:00
+    timezone: str = "UTC"
+    gates: GateConfig = field(default_factory=GateConfig)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     data_dir: str = "data"
@@ -156,6 +179,7 @@ class RunConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
 
 def _convert(tp: Any, value: Any, key: str, base: Any = None) -> Any:

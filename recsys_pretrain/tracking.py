@@ -56,6 +56,7 @@ __all__ = [
     "run_metrics",
     "safe_key",
     "set_alias",
+    "set_run_tags",
 ]
 
 # MLflow 3.17 accepts param values up to 6000 chars (not the 500 of MLflow 1.x) and would truncate
@@ -762,6 +763,13 @@ def download_artifacts(
         tracking_uri=tracking_uri,
     )
     return Path(local)
+
+
+def set_run_tags(run_id: str, tags: dict, tracking_uri: str) -> None:
+    """Tag a finished (or running) run by id, e.g. with the Prefect flow-run id or a promotion decision."""
+    client = _client(tracking_uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, safe_key(k), _truncate(_stringify(v), 5000))
 
 
 def run_metrics(run_id: str, tracking_uri: str) -> dict[str, float]:

@@ -280,6 +280,7 @@ class PretrainResult:
     test: dict[str, float]
     popularity_test: dict[str, float]
     seconds: float
+    model_uri: str | None = None  # the logged pyfunc model, for the registry
 
 
 def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tracker=None,
@@ -346,6 +347,6 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
         tracker.log_model_dir(model_dir, name="model_dir")  # what `evaluate RUN_ID` and serving fetch
         if result.best_checkpoint is not None and result.best_checkpoint.exists():
             tracker.log_artifact(result.best_checkpoint, "checkpoints")
-        tracker.log_recommender(model_dir, name="model")
+        model_uri = tracker.log_recommender(model_dir, name="model")
     return PretrainResult(run_id=run_id, model_dir=model_dir, fit=result, valid=valid, test=test,
-                          popularity_test=pop, seconds=time.perf_counter() - t0)
+                          popularity_test=pop, seconds=time.perf_counter() - t0, model_uri=model_uri)

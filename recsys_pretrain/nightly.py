@@ -1,0 +1,184 @@
+"""The steps of the nightly pipeline as plain library functions (no orchestration here).
+
+`flows/nightly.py` wires them into a Prefect flow; each function takes paths and configs and returns
+paths, run ids and metrics, so a step can also run by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from recsys_pretrain.config import RunConfig
+from recsys_pretrain.gates import GateResult, promotion_gate, quality_gate
+from recsys_pretrain.io import write_json
+
+
+def content_hash(paths: list[str | Path]) -> str:
+    """sha256 over the bytes of every input file, in order: the identity of a night's log."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(Path(p).name).encode())
+        with open(p, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def root(cfg: RunConfig) -> Path:
+    return Path(cfg.data_dir).resolve() / cfg.name
+
+
+def synthesize_log(cfg: RunConfig) -> list[str]:
+    """The embedded default input: a generated log (skipped when already there for this config)."""
+    from recsys_pretrain.data.synthetic import write_synthetic
+
+    raw = root(cfg) / "raw" / f"events-seed{cfg.synth.seed}.csv"
+    if not raw.exists():
+        write_synthetic(cfg.synth, raw, truth=raw.with_suffix(".truth.npz"))
+    return [str(raw)]
+
+
+def ingest_step(inputs: list[str], cfg: RunConfig) -> str:
+    from recsys_pretrain.data.ingest import ingest
+
+    out = root(cfg) / "ingested" / content_hash(inputs)[:16]
+    ingest(inputs, out, cfg.ingest)
+    return str(out)
+
+
+def _state_path(cfg: RunConfig) -> Path:
+    return root(cfg) / "state.json"
+
+
+def read_state(cfg: RunConfig) -> dict:
+    p = _state_path(cfg)
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def quality_step(ingested: str, cfg: RunConfig) -> GateResult:
+    """Tonight's ingest against the last accepted one (recorded in data/<name>/state.json)."""
+    import polars as pl
+
+    report = json.loads((Path(ingested) / "report.json").read_text())
+    last = read_state(cfg).get("last_ingested")
+    previous, known = None, None
+    if last and Path(last).exists() and Path(last) != Path(ingested):
+        previous = json.loads((Path(last) / "report.json").read_text())
+        known = set(json.loads((Path(last) / "vocab.json").read_text())["items"])
+    items = set(pl.read_parquet(Path(ingested) / "events.parquet", columns=["item_id"])["item_id"].unique())
+    return quality_gate(report, previous, known, items, cfg.flow.gates)
+
+
+def accept_ingest(ingested: str, cfg: RunConfig) -> None:
+    state = read_state(cfg)
+    state["last_ingested"] = ingested
+    write_json(_state_path(cfg), state)
+
+
+def prepare_step(ingested: str, cfg: RunConfig) -> str:
+    from recsys_pretrain.data.prepare import prepare
+
+    out = root(cfg) / "prepared" / Path(ingested).name
+    prepare(ingested, out, cfg.prepare)
+    return str(out)
+
+
+def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, parent_run_id: str | None,
+                  flow_run_id: str | None = None) -> dict:
+    from dataclasses import replace
+
+    from recsys_pretrain.tracking import MLflowTracker
+    from recsys_pretrain.train.pretrain import pretrain
+
+    tracker = MLflowTracker(tracking_uri)
+    pcfg = replace(cfg.pretrain, model=model)
+    out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}"
+    res = pretrain(prepared, pcfg, out, tracker=tracker, parent_run_id=parent_run_id,
+                   run_name=f"{model} ({Path(prepared).name[:8]})")
+    if flow_run_id:
+        from recsys_pretrain.tracking import set_run_tags
+
+        set_run_tags(res.run_id, {"prefect_flow_run_id": flow_run_id}, tracking_uri)
+    return {"run_id": res.run_id, "model_uri": res.model_uri, "model_dir": str(res.model_dir), "test": res.test,
+            "valid": res.valid, "seconds": res.seconds}
+
+
+def champion_metric(model_name: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[float | None, str]:
+    """The registered champion's metric on tonight's held-out data (its model evaluated again when it
+    knows tonight's users and items; else the metric it was logged with, said so in the note)."""
+    from recsys_pretrain.checkpoint import load_model_dir
+    from recsys_pretrain.tracking import download_artifacts, get_alias_version, run_metrics
+    from recsys_pretrain.train.pretrain import evaluate, load_prepared
+
+    champ = get_alias_version(model_name, "champion", tracking_uri)
+    if champ is None:
+        return None, "no champion"
+    model_dir = download_artifacts(champ["run_id"], "model_dir", tracking_uri)
+    net, meta, vocab = load_model_dir(model_dir)
+    data = load_prepared(prepared)
+    metric = cfg.flow.gates.metric.split("/", 1)[-1]
+    if vocab.users.equals(data.vocab.users) and vocab.items.equals(data.vocab.items):
+        return evaluate(net, data, "test")[metric], f"champion v{champ['version']} evaluated on tonight's test set"
+    logged = run_metrics(champ["run_id"], tracking_uri).get(cfg.flow.gates.metric)
+    return logged, f"champion v{champ['version']}: catalogue changed, compared with its logged {cfg.flow.gates.metric}"
+
+
+def promote_step(model_name: str, challenger: dict, prepared: str, cfg: RunConfig, tracking_uri: str) -> dict:
+    """Register the challenger; move the `champion` alias to it only if it passes the promotion gate."""
+    from recsys_pretrain.tracking import register_model, set_alias, set_run_tags
+
+    metric = cfg.flow.gates.metric.split("/", 1)[-1]
+    champ_value, note = champion_metric(model_name, prepared, cfg, tracking_uri)
+    gate = promotion_gate(challenger["test"][metric], champ_value, cfg.flow.gates)
+    version = register_model(challenger["model_uri"], model_name, tracking_uri)
+    if gate.passed:
+        set_alias(model_name, "champion", version, tracking_uri)
+    decision = {"model": model_name, "version": version, "promoted": gate.passed, "reasons": gate.reasons,
+                "note": note, **gate.figures}
+    set_run_tags(challenger["run_id"], {"promotion": "promoted" if gate.passed else "rejected",
+                                        "promotion_reason": "; ".join(gate.reasons)}, tracking_uri)
+    return decision
+
+
+def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_id: str | None) -> dict:
+    from dataclasses import replace
+
+    from recsys_pretrain.data.labels import build_labels
+    from recsys_pretrain.tracking import MLflowTracker
+    from recsys_pretrain.train.finetune import finetune, pretrain_before_cutoff
+
+    tracker = MLflowTracker(tracking_uri)
+    work = root(cfg) / "finetune" / Path(ingested).name
+    build_labels(ingested, work / "labels", cfg.finetune.labels)
+    pre = pretrain_before_cutoff(work / "labels", replace(cfg.pretrain, model="mf"), work / "pretrain",
+                                 tracker=tracker, parent_run_id=parent_run_id)
+    res = finetune(work / "labels", pre.model_dir, cfg.finetune, work / "ranker", tracker=tracker,
+                   parent_run_id=parent_run_id)
+    return {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
+
+
+def summary_markdown(result: dict, tracking_uri: str) -> str:
+    lines = ["# Nightly recsys-pretrain run", "", f"MLflow: `{tracking_uri}`, parent run `{result.get('mlflow_run_id')}`",
+             f"(open with `mlflow ui --backend-store-uri {tracking_uri}`)", ""]
+    if result.get("stopped"):
+        lines += [f"**Stopped before training**: {result['stopped']}", ""]
+    for name, r in result.get("models", {}).items():
+        t = r["test"]
+        lines.append(f"- **{name}**: test NDCG@10 {t['ndcg_at_10']:.4f}, HR@10 {t['hr_at_10']:.4f} "
+                     f"(run `{r['run_id']}`)")
+    for d in result.get("promotions", []):
+        lines.append(f"- {d['model']} v{d['version']}: {'PROMOTED' if d['promoted'] else 'kept champion'} - "
+                     f"{'; '.join(d['reasons'])}")
+    if result.get("ranker"):
+        lines.append(f"- ranker: test click AUC {result['ranker']['test']['click_auc']:.4f}, purchase AUC "
+                     f"{result['ranker']['test']['purchase_auc']:.4f}")
+    if result.get("index"):
+        lines.append(f"- index published at `{result['index'].get('path')}`")
+    return "\n".join(lines) + "\n"
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    return asdict(cfg)
