@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
