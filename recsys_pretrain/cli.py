@@ -29,7 +29,7 @@ def _split_overrides(values: list[str], section: str | None) -> tuple[list[str],
     for v in values:
         if _OVERRIDE.match(v) and not Path(v).exists():
             key = v.split("=", 1)[0]
-            known = {"name", "data_dir", "synth", "ingest", "prepare", "pretrain"}
+            known = {"name", "data_dir", "synth", "ingest", "prepare", "pretrain", "finetune", "flow"}
             overrides.append(v if section is None or key.split(".")[0] in known else f"{section}.{v}")
         else:
             paths.append(v)
@@ -149,6 +149,38 @@ def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.data.labels import build_labels
+
+    cfg, _ = _config(args, extra, "finetune")
+    report = build_labels(args.ingested, args.out, cfg.finetune.labels)
+    print(json.dumps(report, indent=2))
+    print(f"next: recsys-pretrain prepare {args.out}/pretrain --out PREPARED && recsys-pretrain pretrain "
+          f"--model mf --data PREPARED, then finetune --pretrained <its model dir> --data {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.train.finetune import check_pretrained_before_labels, finetune
+
+    cfg, _ = _config(args, extra, "finetune")
+    fcfg = cfg.finetune if args.label_fraction is None else replace(cfg.finetune, label_fraction=args.label_fraction)
+    if args.init:
+        fcfg = replace(fcfg, init=args.init)
+    pretrained = Path(args.pretrained)
+    if not pretrained.exists():  # an MLflow run id
+        from recsys_pretrain.tracking import download_artifacts, resolve_tracking_uri
+
+        pretrained = download_artifacts(args.pretrained, "model_dir",
+                                        resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir))
+    check_pretrained_before_labels(pretrained)
+    out = Path(args.out or Path(cfg.data_dir) / "finetune" / f"{fcfg.init}-{fcfg.label_fraction:g}")
+    res = finetune(args.data, pretrained, fcfg, out, tracker=_tracker(cfg, not args.no_tracking))
+    print(json.dumps({"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "train_rows": res.train_rows,
+                      "test": res.test}, indent=2, default=str))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     """The embedded default, end to end: generate a log, ingest it, prepare it, print the report."""
     from recsys_pretrain.data.ingest import ingest
@@ -213,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model", help="a model directory or an MLflow run id")
     s.add_argument("--data", required=True)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("labels", help="time-split click/purchase labels (and the pre-T1 events to pretrain on)")
+    s.add_argument("ingested")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_labels)
+
+    s = sub.add_parser("finetune", help="train the click/purchase ranker on pretrained embeddings")
+    s.add_argument("--pretrained", required=True, help="a model directory (pretrained before T1) or MLflow run id")
+    s.add_argument("--data", required=True, help="a labels directory (from `labels`)")
+    s.add_argument("--label-fraction", type=float)
+    s.add_argument("--init", choices=["frozen", "finetuned", "random"])
+    s.add_argument("--out")
+    s.add_argument("--no-tracking", action="store_true")
+    s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("run", help="the whole pipeline once on the configured (default: synthetic) data")
     s.set_defaults(func=cmd_run)
