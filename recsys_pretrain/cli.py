@@ -174,8 +174,14 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
         pretrained = download_artifacts(args.pretrained, "model_dir",
                                         resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir))
     check_pretrained_before_labels(pretrained)
+    data = Path(args.data)
+    if not (data / "labels.parquet").exists() and (data / "events.parquet").exists():
+        from recsys_pretrain.data.labels import build_labels  # an ingested log: label it first
+
+        build_labels(data, data.parent / "labels", fcfg.labels)
+        data = data.parent / "labels"
     out = Path(args.out or Path(cfg.data_dir) / "finetune" / f"{fcfg.init}-{fcfg.label_fraction:g}")
-    res = finetune(args.data, pretrained, fcfg, out, tracker=_tracker(cfg, not args.no_tracking))
+    res = finetune(data, pretrained, fcfg, out, tracker=_tracker(cfg, not args.no_tracking))
     print(json.dumps({"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "train_rows": res.train_rows,
                       "test": res.test}, indent=2, default=str))
     return 0
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="train the click/purchase ranker on pretrained embeddings")
     s.add_argument("--pretrained", required=True, help="a model directory (pretrained before T1) or MLflow run id")
-    s.add_argument("--data", required=True, help="a labels directory (from `labels`)")
+    s.add_argument("--data", required=True, help="a labels directory (from `labels`) or an ingested log")
     s.add_argument("--label-fraction", type=float)
     s.add_argument("--init", choices=["frozen", "finetuned", "random"])
     s.add_argument("--out")
