@@ -37,7 +37,10 @@ class IngestConfig:
     dedupe: bool = True  # drop exact repeats of (user, item, timestamp, event_type)
     min_user_events: int = 0  # k-core filter, applied iteratively with min_item_events until stable
     min_item_events: int = 0
-    partition_rows: int = 16_000_000  # above this many events, sort and dedupe in user ranges (bounded memory)
+    # Inputs estimated at up to `in_memory_rows` events are sorted and de-duplicated in memory (fast);
+    # larger ones in user ranges of about `partition_rows` events each (memory bounded by the range).
+    in_memory_rows: int = 12_000_000
+    partition_rows: int = 5_000_000
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,48 @@ class FlowConfig:
 
 
 @dataclass(frozen=True)
+class IndexConfig:
+    """The FAISS candidate index over a model's item vectors (recsys_pretrain/index.py)."""
+
+    factory: str = "auto"  # a faiss.index_factory string ("Flat", "HNSW32", "IVF4096,Flat"), or auto
+    auto_flat_max_items: int = 50_000  # auto: exact Flat up to this many items, auto_factory above
+    auto_factory: str = "HNSW32"
+    # ip: inner product in the index | l2: max inner product reduced to L2 nearest neighbour (one extra
+    # coordinate); which suits an approximate index better is measured in benchmarks/index.py
+    mips: str = "ip"
+    ef_construction: int = 200  # HNSW graph quality; build time grows with it
+    train_size: int = 262_144  # items sampled to train IVF centroids / codebooks
+    target_recall: float = 0.95  # recall@10 against exact search that efSearch / nprobe is tuned to reach
+    search_param: int | None = None  # a fixed efSearch / nprobe instead of tuning
+    tune_queries: int = 2000  # real user vectors sampled to measure recall
+    tune_latency_queries: int = 200  # of those, timed one at a time
+    threads: int = 0  # faiss OpenMP threads; 0 = faiss's default
+    seed: int = 0
+    experiment: str = "index"  # MLflow experiment of index builds
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Candidate serving: the Python API's limits and the HTTP service (recommend.py, serve.py)."""
+
+    model: str | None = None  # model directory, MLflow run id, or models:/NAME@ALIAS
+    index: str | None = None  # index directory; None = an exact index built in memory at start
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    default_k: int = 10
+    max_k: int = 1000
+    max_history: int = 1000  # items in one POSTed history
+    max_body_bytes: int = 1_000_000
+    categories: str | None = None  # table (parquet / csv) with item_id, category_id: the category filter
+    reranker: str | None = None  # MLflow pyfunc URI scoring (user_id, item_id) pairs; None = model order
+    reranker_column: str = "p_ctcvr"  # the column to rank by when the pyfunc returns a table
+    rerank_pool: int = 100  # candidates fetched for the re-ranker to reorder
+    reload_poll_s: float = 0.0  # > 0: swap in the index directory when it is rebuilt, checked this often
+    access_log: bool = False
+    cache_dir: str | None = None  # where MLflow model directories are downloaded; None = a temp dir
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = "default"
     data_dir: str = "data"
@@ -180,6 +225,8 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _convert(tp: Any, value: Any, key: str, base: Any = None) -> Any:

@@ -219,12 +219,14 @@ def test_many_files_keep_provenance_and_input_order(write, tmp_path):
     assert q[S.SOURCE_FILE].to_list() == [str(b)] and q[S.SOURCE_ROW].to_list() == [2]
 
 
-def test_kcore_is_iterative_and_quarantines_verbatim(write, tmp_path):
+@pytest.mark.parametrize("in_memory_rows", [12_000_000, 0])  # in memory, and in user ranges of 3 events
+def test_kcore_is_iterative_and_quarantines_verbatim(write, tmp_path, in_memory_rows):
     # u3 has 1 event -> dropped; that leaves item c with 1 event -> dropped; then u2 has 1 -> dropped.
     rows = ["u1,a,1700000001,click,", "u1,b,1700000002,click,", "u2,a,1700000003,click,",
             "u2,c,1700000004,click,", "u3,c,1700000005,click,", "u4,a,1700000006,click,", "u4,b,1700000007,click,"]
     src = write("log.csv", HEADER + "\n".join(rows) + "\n")
-    r = run(src, tmp_path / "out", min_user_events=2, min_item_events=2).report
+    r = run(src, tmp_path / "out", min_user_events=2, min_item_events=2, in_memory_rows=in_memory_rows,
+            partition_rows=3).report
     ev = pl.read_parquet(tmp_path / "out" / "events.parquet")
     assert ev.group_by(S.USER_ID).len()["len"].min() >= 2
     assert ev.group_by(S.ITEM_ID).len()["len"].min() >= 2
@@ -240,7 +242,7 @@ def test_partitioned_sort_matches_in_memory(write, tmp_path):
     lines = [f"u{i % 7},i{i % 4},{1700000000 + i % 5},click," for i in range(300)]
     src = write("log.csv", HEADER + "\n".join(lines) + "\n")
     run(src, tmp_path / "one")
-    r = run(src, tmp_path / "many", partition_rows=20).report
+    r = run(src, tmp_path / "many", partition_rows=20, in_memory_rows=0).report
     one = pl.read_parquet(tmp_path / "one" / "events.parquet")
     many = pl.read_parquet(tmp_path / "many" / "events.parquet")
     assert one.equals(many) and r["rows_duplicate"] > 0

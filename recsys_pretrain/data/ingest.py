@@ -396,7 +396,7 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
         sources = [open_source(p, spec, work) for p in inputs]  # every file-level check before any work
         has_time = all(s.spec.timestamp_format is not None for s in sources)
         # Small inputs stay in memory between the passes; large ones go through Parquet in user ranges.
-        in_memory = sum(src.estimated_rows for src in sources) <= cfg.partition_rows
+        in_memory = sum(src.estimated_rows for src in sources) <= cfg.in_memory_rows
         valid, n_valid_per_file = _split_valid_invalid(sources, cfg, work, in_memory)
         bad_paths = sorted(work.glob("bad-*.parquet"))
         per_file = []

@@ -16,6 +16,7 @@ from recsys_pretrain import schema as S
 POS = "pos"  # 0-based position of an event in its user's sequence
 LEN = "seq_len"
 SPLIT = "split"  # "train" | "valid" | "test"
+SPLIT_DTYPE = pl.Enum(["train", "valid", "test"])  # one byte a row, not a string
 
 
 def interactions(events: pl.LazyFrame, event_types: tuple[str, ...], collapse_repeats: bool) -> pl.LazyFrame:
@@ -43,7 +44,7 @@ def leave_last_out(inter: pl.LazyFrame, min_train_items: int = 1) -> pl.LazyFram
         .when(holds_out & (pl.col(POS) == pl.col(LEN) - 2)).then(pl.lit("valid"))
         .otherwise(pl.lit("train"))
     )
-    return inter.with_columns(split.alias(SPLIT))
+    return inter.with_columns(split.cast(SPLIT_DTYPE).alias(SPLIT))
 
 
 def loo_table(tagged: pl.LazyFrame) -> pl.LazyFrame:
@@ -89,4 +90,5 @@ def resolve_cutoff(events: pl.LazyFrame, cutoff: str | float) -> datetime:
 def temporal_split(inter: pl.LazyFrame, cutoff: datetime) -> pl.LazyFrame:
     """Tag each interaction train (before the cutoff) or test (at or after it)."""
     before = pl.col(S.TIMESTAMP) < pl.lit(cutoff).cast(S.TIMESTAMP_DTYPE)
-    return inter.with_columns(pl.when(before).then(pl.lit("train")).otherwise(pl.lit("test")).alias(SPLIT))
+    return inter.with_columns(
+        pl.when(before).then(pl.lit("train")).otherwise(pl.lit("test")).cast(SPLIT_DTYPE).alias(SPLIT))
