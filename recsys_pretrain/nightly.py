@@ -160,6 +160,29 @@ def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_i
     return {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
 
 
+def publish_index_step(cfg: RunConfig, tracking_uri: str) -> dict:
+    """Build the index of the serving champion (bert4rec's if registered, else mf's) and publish it:
+    `serving/current.json` is replaced atomically, so readers switch from one complete index to the next."""
+    from recsys_pretrain.index import build_model_index
+    from recsys_pretrain.tracking import MLflowTracker, get_alias_version
+
+    for model in ("bert4rec", "mf"):
+        name = f"{cfg.flow.registry_prefix}-{model}"
+        champ = get_alias_version(name, "champion", tracking_uri)
+        if champ is not None:
+            break
+    else:
+        return {"published": False, "why": "no champion registered"}
+    source = f"models:/{name}@champion"
+    out = root(cfg) / "serving" / f"{name}-v{champ['version']}"
+    res = build_model_index(source, out, cfg.index, tracker=MLflowTracker(tracking_uri), tracking_uri=tracking_uri,
+                            cache_dir=root(cfg) / "serving" / "models")
+    current = {"model": source, "version": champ["version"], "run_id": champ["run_id"], "path": str(out),
+               "recall_at_10": res.meta["recall"].get("recall_at_10"), "index_run_id": res.run_id}
+    write_json(root(cfg) / "serving" / "current.json", current)
+    return {"published": True, **current}
+
+
 def summary_markdown(result: dict, tracking_uri: str) -> str:
     lines = ["# Nightly recsys-pretrain run", "", f"MLflow: `{tracking_uri}`, parent run `{result.get('mlflow_run_id')}`",
              f"(open with `mlflow ui --backend-store-uri {tracking_uri}`)", ""]

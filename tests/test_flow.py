@@ -1,0 +1,96 @@
+"""The nightly flow under Prefect's test harness, on the tiny config, with a real MLflow store."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.deploy import deployment_kwargs
+from flows.nightly import nightly
+from recsys_pretrain import nightly as N
+from recsys_pretrain.tracking import get_alias_version
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def flow_env(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return [f"data_dir={tmp_path / 'data'}", f"flow.tracking_uri={uri}"], uri, tmp_path
+
+
+def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_env, monkeypatch):
+    overrides, uri, tmp = flow_env
+    calls = {"ingest": 0}
+    real_ingest = N.ingest_step
+
+    def flaky_ingest(inputs, cfg):
+        calls["ingest"] += 1
+        if calls["ingest"] == 1:
+            raise OSError("transient: the log store hung up")  # the task's retries must absorb this
+        return real_ingest(inputs, cfg)
+
+    monkeypatch.setattr(N, "ingest_step", flaky_ingest)
+    first = nightly(TINY, overrides)
+    assert calls["ingest"] == 2  # failed once, retried once
+    assert not first.get("stopped")
+    assert all(p["promoted"] for p in first["promotions"]) and len(first["promotions"]) == 2
+    assert get_alias_version("recsys-mf", "champion", uri)["version"] == 1
+    assert get_alias_version("recsys-bert4rec", "champion", uri)["version"] == 1
+    current = json.loads((tmp / "data" / "tiny" / "serving" / "current.json").read_text())
+    assert current["model"] == "models:/recsys-bert4rec@champion" and (tmp / current["path"]).exists()
+    assert first["ranker"]["test"]["click_auc"] > 0.5
+
+    client = MlflowClient(uri)
+    parent = client.get_run(first["mlflow_run_id"])
+    flow_run_id = parent.data.tags["prefect_flow_run_id"]
+    assert flow_run_id
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) >= 4  # mf, bert4rec, pre-T1 pretraining, fine-tuning (+ the index build)
+    mf_run = client.get_run(first["models"]["mf"]["run_id"])
+    assert mf_run.data.tags["prefect_flow_run_id"] == flow_run_id and mf_run.data.tags["promotion"] == "promoted"
+    assert "**mf**: test NDCG@10" in first["summary"] and "PROMOTED" in first["summary"]
+    with get_client(sync_client=True) as client_:
+        arts = client_.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nightly-summary"])))
+    assert arts and first["mlflow_run_id"] in arts[-1].data  # the Prefect artifact links the MLflow run
+
+    # Night two, the same log: ingest is not run again (cached on the content hash). A deliberately
+    # worse mf (one epoch at a tiny learning rate) does not beat the champion on the same test set.
+    worse = [*overrides, "pretrain.mf.train.epochs=1", "pretrain.mf.train.lr=1e-6", "flow.models=[mf]",
+             "flow.finetune=false"]
+    second = nightly(TINY, worse)
+    assert calls["ingest"] == 2
+    decision = second["promotions"][0]
+    assert decision["promoted"] is False and "does not beat" in decision["reasons"][0]
+    assert decision["version"] == 2 and get_alias_version("recsys-mf", "champion", uri)["version"] == 1
+    assert client.get_run(second["models"]["mf"]["run_id"]).data.tags["promotion"] == "rejected"
+
+
+def test_quality_gate_stops_a_night_that_looks_wrong(flow_env):
+    overrides, uri, tmp = flow_env
+    nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false"])
+    # tonight's log is a fifth of last night's: the volume bound stops the flow before training
+    small = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false", "synth.n_users=40",
+                           "synth.seed=5"])
+    assert small["stopped"].startswith("data-quality gate") and "volume" in small["stopped"]
+    assert small["models"] == {} and get_alias_version("recsys-mf", "champion", uri)["version"] == 1
+
+
+def test_deployment_has_the_configured_schedule():
+    dep = nightly.to_deployment(**deployment_kwargs(TINY))
+    assert dep.name == "nightly"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * *"]
+    assert dep.parameters == {"config": TINY}
