@@ -3,6 +3,9 @@
     recsys-pretrain synth --out data/raw/events.csv
     recsys-pretrain ingest data/raw/events.csv --format generic --out data/ingested [key=value ...]
     recsys-pretrain prepare data/ingested --out data/prepared [key=value ...]
+    recsys-pretrain index MODEL --out data/index [key=value ...]
+    recsys-pretrain recommend --model MODEL [--index DIR] (--user U | --history i1,i2 | --similar I) -k 10
+    recsys-pretrain serve --model MODEL [--index DIR] [--host 127.0.0.1] [--port 8000]
     recsys-pretrain run [--config configs/default.yaml] [key=value ...]
 
 `key=value` overrides address the stage's section (`min_user_events=5`) or the whole config
@@ -29,7 +32,8 @@ def _split_overrides(values: list[str], section: str | None) -> tuple[list[str],
     for v in values:
         if _OVERRIDE.match(v) and not Path(v).exists():
             key = v.split("=", 1)[0]
-            known = {"name", "data_dir", "synth", "ingest", "prepare", "pretrain", "finetune", "flow"}
+            known = {"name", "data_dir", "synth", "ingest", "prepare", "pretrain", "finetune", "flow", "index",
+                     "serve"}
             overrides.append(v if section is None or key.split(".")[0] in known else f"{section}.{v}")
         else:
             paths.append(v)
@@ -187,6 +191,83 @@ def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _model_tracking_uri(model: str | None, cfg: RunConfig) -> str | None:
+    """The MLflow store, resolved unless the model is a local directory (None: not known in advance)."""
+    if model is not None and Path(model).is_dir():
+        return None
+    from recsys_pretrain.tracking import resolve_tracking_uri
+
+    return resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir)
+
+
+def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.index import build_model_index
+
+    cfg, _ = _config(args, extra, "index")
+    icfg = replace(cfg.index, factory=args.factory) if args.factory else cfg.index
+    res = build_model_index(args.model, args.out, icfg, tracker=_tracker(cfg, not args.no_tracking),
+                            tracking_uri=_model_tracking_uri(args.model, cfg))
+    m = res.meta
+    print(json.dumps({"index": str(res.path), "run_id": res.run_id, "factory": m["resolved_factory"],
+                      "mips": m["mips"], "n_items": m["n_items"], "dim": m["dim"], "search": m["search"],
+                      "recall": m.get("recall"), "build_seconds": round(m["build"]["seconds"], 2),
+                      "index_bytes": m["index_bytes"]}, indent=2, default=str))
+    return 0
+
+
+def _serve_config(args: argparse.Namespace, cfg: RunConfig):
+    scfg = cfg.serve
+    for name in ("model", "index", "categories", "host", "port"):
+        if getattr(args, name, None) is not None:
+            scfg = replace(scfg, **{name: getattr(args, name)})
+    if not scfg.model and not (scfg.index or "").endswith(".json"):
+        raise ConfigError("--model (or serve.model): a model directory, an MLflow run id or models:/NAME@ALIAS")
+    return scfg
+
+
+def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.recommend import Recommender
+
+    cfg, _ = _config(args, extra, "serve")
+    scfg = _serve_config(args, cfg)
+    rec = Recommender.load(scfg.model, scfg.index, tracking_uri=_model_tracking_uri(scfg.model, cfg),
+                           categories=scfg.categories, max_k=scfg.max_k, cache_dir=scfg.cache_dir)
+    if args.user:
+        label, queries = "user", args.user
+        answers = rec.recommend(args.user, args.k, category=args.category)
+    elif args.history is not None:
+        label, queries = "history", [args.history]
+        history = [x.strip() for x in args.history.split(",") if x.strip()]
+        answers = rec.recommend_for_history([history], args.k, category=args.category)
+    else:
+        label, queries = "similar_to", args.similar
+        answers = rec.similar_items(args.similar, args.k, category=args.category)
+    if args.json:
+        print(json.dumps([{label: q, **a.to_dict()} for q, a in zip(queries, answers, strict=True)], indent=2,
+                         default=str))
+        return 0
+    for q, a in zip(queries, answers, strict=True):
+        notes = [a.method] + ([f"fallback: {a.fallback}"] if a.fallback else [])
+        notes += [f"unknown: {', '.join(map(str, a.unknown))}"] if a.unknown and not a.fallback else []
+        print(f"{label.replace('_', ' ')} {q}  ({'; '.join(notes)})")
+        print(f"{'rank':>5}  {'item_id':<20} {'score':>10}")
+        for r, (i, sc) in enumerate(zip(a.ids, a.scores, strict=True), 1):
+            print(f"{r:>5}  {str(i):<20} {sc:>10.4f}")
+        print()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.serve import serve, sources
+
+    cfg, _ = _config(args, extra, "serve")
+    scfg = _serve_config(args, cfg)
+    # A pointer file may name an MLflow model after the next nightly run, whatever it names now.
+    model = None if (scfg.index or "").endswith(".json") else sources(scfg)[0]
+    serve(scfg, tracking_uri=_model_tracking_uri(model, cfg))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     """The embedded default, end to end: generate a log, ingest it, prepare it, print the report."""
     from recsys_pretrain.data.ingest import ingest
@@ -265,6 +346,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.add_argument("--no-tracking", action="store_true")
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("index", help="build, tune and save the FAISS candidate index of a trained model")
+    s.add_argument("model", help="a model directory, an MLflow run id or models:/NAME@ALIAS")
+    s.add_argument("--out", required=True, help="the index directory (replaced atomically)")
+    s.add_argument("--factory", help="a faiss.index_factory string (Flat, HNSW32, IVF1024,Flat) or auto")
+    s.add_argument("--no-tracking", action="store_true", help="do not record the build in MLflow")
+    s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("recommend", help="top-k items for a user, a history or an item, from a model's index")
+    s.add_argument("--model", help="a model directory, an MLflow run id or models:/NAME@ALIAS")
+    s.add_argument("--index", help="an index directory (default: exact search built in memory)")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--user", action="append", help="a raw user id (repeat for several)")
+    q.add_argument("--history", help="raw item ids, comma-separated, oldest first")
+    q.add_argument("--similar", action="append", help="a raw item id (repeat for several)")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--category", help="only items of this category (needs --categories)")
+    s.add_argument("--categories", help="table with item_id, category_id (e.g. an ingested events.parquet)")
+    s.add_argument("--json", action="store_true", help="JSON instead of a table")
+    s.set_defaults(func=cmd_recommend)
+
+    s = sub.add_parser("serve", help="the HTTP candidate service (FastAPI + uvicorn)")
+    s.add_argument("--model", help="a model directory, an MLflow run id or models:/NAME@ALIAS")
+    s.add_argument("--index", help="an index directory, or a pointer file (.json: model + index, as the nightly "
+                                   "flow publishes); default: exact search built in memory")
+    s.add_argument("--categories", help="table with item_id, category_id for the category filter")
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("run", help="the whole pipeline once on the configured (default: synthetic) data")
     s.set_defaults(func=cmd_run)

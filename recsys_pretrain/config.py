@@ -177,15 +177,23 @@ class FlowConfig:
 class IndexConfig:
     """The FAISS candidate index over a model's item vectors (recsys_pretrain/index.py)."""
 
-    factory: str = "auto"  # a faiss.index_factory string ("Flat", "HNSW32", "IVF4096,Flat"), or auto
+    # a faiss.index_factory string ("Flat", "HNSW32", "IVF4096,Flat"; "{nlist}" = about 4 sqrt(n_items)), or auto
+    factory: str = "auto"
     auto_flat_max_items: int = 50_000  # auto: exact Flat up to this many items, auto_factory above
-    auto_factory: str = "HNSW32"
-    # ip: inner product in the index | l2: max inner product reduced to L2 nearest neighbour (one extra
-    # coordinate); which suits an approximate index better is measured in benchmarks/index.py
-    mips: str = "ip"
-    ef_construction: int = 200  # HNSW graph quality; build time grows with it
+    # IVF, not HNSW: on clustered, popularity-skewed vectors (benchmarks/index.py, 200k items) IVF with
+    # the L2 reduction reached recall@10/@100 0.95 at nprobe 4 (p99 0.3 ms); HNSW32 needed efSearch 1536
+    # (p99 5 ms). The full 1M run is the reference.
+    auto_factory: str = "IVF{nlist},Flat"
+    # How an approximate index searches by inner product. ip: directly | l2: reduced to L2 nearest
+    # neighbour by one extra coordinate. Measured (tests/test_index.py, benchmarks/index.py): HNSW over
+    # raw inner products stays below 0.95 recall@100 however large efSearch (0.74 on the tests' data,
+    # 0.86 at 200k items), and IVF over raw inner products needs several times the nprobe.
+    # Exact Flat always searches by inner product.
+    mips: str = "l2"
+    ef_construction: int = 100  # HNSW graph quality; build time grows with it (efSearch is tuned after)
     train_size: int = 262_144  # items sampled to train IVF centroids / codebooks
-    target_recall: float = 0.95  # recall@10 against exact search that efSearch / nprobe is tuned to reach
+    target_recall: float = 0.95  # recall against exact search that efSearch / nprobe is tuned to reach
+    tune_ks: tuple[int, ...] = (10, 100)  # ... at each of these k (serving over-fetches past 10)
     search_param: int | None = None  # a fixed efSearch / nprobe instead of tuning
     tune_queries: int = 2000  # real user vectors sampled to measure recall
     tune_latency_queries: int = 200  # of those, timed one at a time
@@ -212,6 +220,9 @@ class ServeConfig:
     rerank_pool: int = 100  # candidates fetched for the re-ranker to reorder
     reload_poll_s: float = 0.0  # > 0: swap in the index directory when it is rebuilt, checked this often
     access_log: bool = False
+    # faiss OpenMP threads per search: requests already run in parallel threads, and a team of OpenMP
+    # threads per single query only adds wake-up latency (milliseconds when the cores are busy)
+    faiss_threads: int = 1
     cache_dir: str | None = None  # where MLflow model directories are downloaded; None = a temp dir
 
 

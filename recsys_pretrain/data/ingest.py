@@ -88,6 +88,17 @@ def _timestamp_expr(
     return pl.when(in_range).then(parsed), parsed.is_not_null(), in_range
 
 
+def _event_expr(raw: pl.Expr, aliases: dict[str, str]) -> pl.Expr:
+    """Source event names -> canonical Enum, null when unknown. A when/then chain, one branch per
+    canonical type: `replace` would stop Polars' streaming engine and hold the whole input in memory."""
+    expr = None
+    for target in S.EVENT_TYPES:
+        names = sorted(k for k, v in aliases.items() if v == target)
+        if names:
+            expr = (pl.when(raw.is_in(names)) if expr is None else expr.when(raw.is_in(names))).then(pl.lit(target))
+    return expr.otherwise(None).cast(S.EVENT_DTYPE)
+
+
 def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> pl.LazyFrame:
     """Add canonical columns (prefixed `_c_`) and a `reason` (null for a valid row) to a raw scan."""
     spec = src.spec
@@ -124,7 +135,7 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
     else:
         ts, ts_parsed, ts_ok = pl.lit(None, dtype=S.TIMESTAMP_DTYPE), pl.lit(True), pl.lit(True)
     if S.EVENT_TYPE in cols:
-        event = text(S.EVENT_TYPE).str.to_lowercase().replace_strict(aliases, default=None, return_dtype=S.EVENT_DTYPE)
+        event = _event_expr(text(S.EVENT_TYPE).str.to_lowercase(), aliases)
     else:
         event = pl.lit(spec.default_event_type).cast(S.EVENT_DTYPE)
 
@@ -210,11 +221,12 @@ def _split_valid_invalid(
             bad = parsed.filter(pl.col(S.REASON).is_not_null()).select(_quarantine_columns(src, i))
             valid_path = work / f"valid-{i:05d}.parquet"
             try:
-                out = pl.collect_all(
-                    [valid if in_memory else valid.sink_parquet(valid_path, lazy=True),
-                     bad.sink_parquet(work / f"bad-{i:05d}.parquet", lazy=True)],
-                    engine="streaming",
-                )
+                if in_memory:  # one read of the input: the shared scan is materialised anyway
+                    out = pl.collect_all([valid, bad.sink_parquet(work / f"bad-{i:05d}.parquet", lazy=True)],
+                                         engine="streaming")
+                else:  # two streaming reads: sinks that share one scan would buffer the whole input
+                    valid.sink_parquet(valid_path, engine="streaming")
+                    bad.sink_parquet(work / f"bad-{i:05d}.parquet", engine="streaming")
                 break
             except pl.exceptions.PolarsError as exc:
                 if not typed:
