@@ -39,7 +39,7 @@ class IngestConfig:
     min_item_events: int = 0
     # Inputs estimated at up to `in_memory_rows` events are sorted and de-duplicated in memory (fast);
     # larger ones in user ranges of about `partition_rows` events each (memory bounded by the range).
-    in_memory_rows: int = 12_000_000
+    in_memory_rows: int = 16_000_000
     partition_rows: int = 5_000_000
 
 
