@@ -67,8 +67,8 @@ def finetune(ingested: str, cfg: RunConfig, uri: str, parent: str | None) -> dic
 
 
 @task(**IO_RETRIES, timeout_seconds=1800)
-def publish_index(cfg: RunConfig, uri: str) -> dict:
-    return N.publish_index_step(cfg, uri)
+def publish_index(cfg: RunConfig, uri: str, parent: str | None) -> dict:
+    return N.publish_index_step(cfg, uri, parent)
 
 
 @flow(name="nightly-pretraining", log_prints=True)
@@ -102,7 +102,7 @@ def nightly(config: str = "configs/default.yaml", overrides: list[str] | None = 
                     promote(f"{cfg.flow.registry_prefix}-{model}", challenger, prepared, cfg, uri))
             if cfg.flow.finetune:
                 result["ranker"] = finetune(ingested, cfg, uri, parent)
-            result["index"] = publish_index(cfg, uri)
+            result["index"] = publish_index(cfg, uri, parent)
             tracker.set_tags({"outcome": "trained"})
     md = N.summary_markdown(result, uri)
     create_markdown_artifact(markdown=md, key="nightly-summary", description="MLflow run and key metrics")

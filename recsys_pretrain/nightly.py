@@ -160,7 +160,7 @@ def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_i
     return {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
 
 
-def publish_index_step(cfg: RunConfig, tracking_uri: str) -> dict:
+def publish_index_step(cfg: RunConfig, tracking_uri: str, parent_run_id: str | None = None) -> dict:
     """Build the index of the serving champion (bert4rec's if registered, else mf's) and publish it:
     `serving/current.json` is replaced atomically, so readers switch from one complete index to the next."""
     from recsys_pretrain.index import build_model_index
@@ -176,7 +176,7 @@ def publish_index_step(cfg: RunConfig, tracking_uri: str) -> dict:
     source = f"models:/{name}@champion"
     out = root(cfg) / "serving" / f"{name}-v{champ['version']}"
     res = build_model_index(source, out, cfg.index, tracker=MLflowTracker(tracking_uri), tracking_uri=tracking_uri,
-                            cache_dir=root(cfg) / "serving" / "models")
+                            cache_dir=root(cfg) / "serving" / "models", parent_run_id=parent_run_id)
     current = {"model": source, "version": champ["version"], "run_id": champ["run_id"], "path": str(out),
                "recall_at_10": res.meta["recall"].get("recall_at_10"), "index_run_id": res.run_id}
     write_json(root(cfg) / "serving" / "current.json", current)
