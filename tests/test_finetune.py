@@ -104,15 +104,16 @@ def test_half_the_labels_trains_on_fewer_rows(tiny_labels, tmp_path):
     assert 0.35 * full.train_rows < half.train_rows < 0.65 * full.train_rows
 
 
-def test_ranker_loads_back_from_mlflow_and_scores_pairs(tiny_labels, tmp_path, mlflow_uri):
+@pytest.mark.parametrize("init", ["frozen", "finetuned", "random"])
+def test_ranker_loads_back_from_mlflow_and_scores_pairs(tiny_labels, tmp_path, mlflow_uri, init):
     label_dir, model_dir = tiny_labels
-    cfg = load_config(None, ["finetune.train.epochs=2"]).finetune
+    cfg = load_config(None, ["finetune.train.epochs=2", f"finetune.init={init}"]).finetune
     res = finetune(label_dir, model_dir, cfg, tmp_path / "ft", tracker=MLflowTracker(mlflow_uri))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(res.run_id)
-    assert "test/click_auc" in run.data.metrics and run.data.tags["init"] == "finetuned"
+    assert "test/click_auc" in run.data.metrics and run.data.tags["init"] == init
     logged = [m for m in client.search_logged_models([run.info.experiment_id]) if m.source_run_id == res.run_id]
     scorer = load_pyfunc(f"models:/{logged[0].model_id}", mlflow_uri)
     net, feats, vocab = load_ranker(res.ranker_dir)
