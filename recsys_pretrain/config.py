@@ -352,7 +352,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path}: top level must be a mapping")
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)

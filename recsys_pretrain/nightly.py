@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 from recsys_pretrain.config import RunConfig
@@ -201,7 +200,3 @@ def summary_markdown(result: dict, tracking_uri: str) -> str:
     if result.get("index"):
         lines.append(f"- index published at `{result['index'].get('path')}`")
     return "\n".join(lines) + "\n"
-
-
-def config_dict(cfg: RunConfig) -> dict:
-    return asdict(cfg)

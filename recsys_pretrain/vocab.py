@@ -55,12 +55,6 @@ class Vocab:
     def item_index(self, raw: pl.Series | list, strict: bool = True) -> np.ndarray:
         return _lookup(self.items, raw, offset=1, strict=strict, kind="item")
 
-    def user_index_expr(self, col: str) -> pl.Expr:
-        return pl.lit(self.users).search_sorted(pl.col(col)).cast(pl.UInt32)
-
-    def item_index_expr(self, col: str) -> pl.Expr:
-        return (pl.lit(self.items).search_sorted(pl.col(col)) + 1).cast(pl.UInt32)
-
     def user_ids(self, index: np.ndarray) -> list:
         return self.users.gather(np.asarray(index, dtype=np.int64)).to_list()
 
