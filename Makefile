@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The whole nightly flow once on the embedded default (generated log, Prefect's local API, MLflow in
+# data/mlflow.db); it ends by printing the MLflow UI command, the champions' metrics and a sample answer.
 run: $(STAMP)
-	$(VENV)/bin/recsys-pretrain --config configs/default.yaml run
+	$(PY) -m flows.nightly --config configs/default.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys_pretrain flows tests benchmarks

@@ -2,11 +2,13 @@
 with one protocol: leave-last-out, full ranking over all 3,416 items, the user's history excluded,
 HR@10 and NDCG@10 over all 6,040 users, models chosen on validation.
 
-    python benchmarks/pretrain_ml1m.py                      # the full run (about 70 minutes on 2 cores)
+    python benchmarks/pretrain_ml1m.py                      # the full run (about 95 minutes on 2 cores)
     python benchmarks/pretrain_ml1m.py --bert4rec-minutes 5 # a quick look
 
-Peers from `implicit` run in their own virtualenv (.venv-bench: `python -m venv .venv-bench &&
-.venv-bench/bin/pip install implicit`), kept out of the main install. Results:
+Peers run in their own virtualenv, kept out of the main install: `python -m venv .venv-bench &&
+.venv-bench/bin/pip install torch==2.13.0 "rectools[torch]==0.19.0"` (RecTools brings implicit's ALS and
+BPR as pm-implicit). RecTools' BERT4Rec and SASRec train epoch by epoch under their own wall-clock budget
+(`--rectools-minutes`) with validation after each epoch, in benchmarks/_rectools_peer.py. Results:
 benchmarks/results/pretrain_ml1m.{md,json} and pretrain_ml1m_curve.png.
 """
 
@@ -104,6 +106,29 @@ def run_implicit(kind: str, data) -> dict:
             "valid": eval_factors(data, users, items, "valid"), "test": eval_factors(data, users, items, "test")}
 
 
+def run_rectools(kind: str, data, minutes: float) -> dict:
+    """RecTools' BERT4Rec or SASRec on this benchmark's split, in .venv-bench (benchmarks/_rectools_peer.py)."""
+    if not BENCH_PY.exists():
+        return {"skipped": f"{BENCH_PY} missing: see this script's docstring"}
+    split = WORK / "split_rectools.npz"
+    if not split.exists():
+        train, hist = data.histories("valid"), data.histories("test")
+        np.savez(split, train_items=np.concatenate(train), train_offsets=np.cumsum([0] + [len(s) for s in train]),
+                 test_hist_items=np.concatenate(hist), test_hist_offsets=np.cumsum([0] + [len(s) for s in hist]),
+                 valid=data.targets("valid"), test=data.targets("test"))
+    out = WORK / f"rectools_{kind}.json"
+    out.unlink(missing_ok=True)
+    log = WORK / f"rectools_{kind}.log"
+    with open(log, "w") as f:
+        code = subprocess.run([str(BENCH_PY), str(ROOT / "benchmarks" / "_rectools_peer.py"), kind, str(split),
+                               str(out), str(minutes)], stdout=f, stderr=subprocess.STDOUT).returncode
+    if code or not out.exists():
+        return {"failed": log.read_text()[-2000:]}
+    r = json.loads(out.read_text())
+    r["curve_minutes_val_ndcg"] = [(c["elapsed_s"] / 60, c["val_ndcg_at_10"]) for c in r["curve"]]
+    return r
+
+
 def run_ease(data) -> dict:
     """EASE (Steck 2019): a closed-form item-item model; lambda chosen on validation."""
     X = binary(data)
@@ -163,21 +188,28 @@ def run_ours(prep: Path, model: str, overrides: list[str], minutes: float | None
             "marks": {f"{m:.0f} min": v for m, v in marks.items()}}
 
 
-def plot(curve: list, path: Path, published: float | None = None) -> None:
+def plot(curves: dict[str, list], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label="ours: bert4rec (validation)")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, curve in curves.items():
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3, label=f"{name} (validation)")
     ax.axhline(0.154, ls="--", color="grey", label="published BERT4Rec test NDCG@10 (GPU)")
     ax.set_xlabel("training wall-clock minutes (2 CPU cores)")
     ax.set_ylabel("NDCG@10, full ranking")
-    ax.set_title("ML-1M: BERT4Rec validation NDCG@10 against time")
-    ax.legend()
+    ax.set_title("ML-1M: validation NDCG@10 against time")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def at_minute(curve: list, minute: float) -> float | None:
+    """Best validation NDCG@10 reached by `minute` (None if no evaluation by then)."""
+    seen = [v for m, v in curve if m <= minute]
+    return max(seen) if seen else None
 
 
 def markdown(res: dict) -> str:
@@ -213,6 +245,19 @@ def markdown(res: dict) -> str:
             lines.append(f"- At {m}: the best-on-validation model so far (epoch {info['best_epoch']}) has "
                          f"validation NDCG@10 {info['val']:.4f} and **test NDCG@10 {info['test']:.4f}**.")
         lines.append("")
+    curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items() if r.get("curve_minutes_val_ndcg")}
+    if len(curves) > 1:
+        marks = [m for m in (5, 10, 12, 15, 20, 30, 45, 60) if any(c and c[-1][0] >= m * 0.98 for c in curves.values())]
+        lines += ["## Transformers at equal wall-clock minutes (best validation NDCG@10 so far)", "",
+                  "| model | " + " | ".join(f"{m} min" for m in marks) + " | s / epoch |",
+                  "|---|" + "---:|" * (len(marks) + 1)]
+        for n, c in curves.items():
+            r = res["models"][n]
+            per_epoch = r.get("fit_seconds", 0) / max(r.get("epochs") or 1, 1)
+            cells = [at_minute(c, m) if c[-1][0] >= m * 0.98 else None for m in marks]
+            lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in cells)
+                         + f" | {per_epoch:.0f} |")
+        lines.append("")
     lines += res.get("notes", [])
     return "\n".join(lines)
 
@@ -221,7 +266,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bert4rec-minutes", type=float, default=60.0)
     ap.add_argument("--bert4rec", nargs="*", default=[], help="overrides, e.g. dim=64 train.lr=0.001")
-    ap.add_argument("--skip", nargs="*", default=[], help="any of: peers mf bert4rec")
+    ap.add_argument("--rectools-minutes", type=float, default=15.0, help="budget of each RecTools Transformer")
+    ap.add_argument("--skip", nargs="*", default=[], help="any of: peers mf bert4rec rectools")
     args = ap.parse_args()
     torch.set_num_threads(2)
     prep = data_ready()
@@ -243,14 +289,26 @@ def main() -> None:
         res["models"]["ours: mf"] = run_ours(prep, "mf", [], None)
         res["models"]["ours: mf"]["note"] = "softmax loss, 64 d"
         save()
+    if "rectools" not in args.skip:
+        for kind, label in (("bert4rec", "RecTools BERT4Rec"), ("sasrec", "RecTools SASRec")):
+            r = run_rectools(kind, data, args.rectools_minutes)
+            if "test" in r:
+                c = r["config"]
+                r["note"] = (f"{c['n_factors']} d, {c['n_blocks']} blocks, length {c['session_max_len']}, their "
+                             f"defaults otherwise; {r['epochs']} epochs in the {args.rectools_minutes:.0f}-min budget, "
+                             f"best epoch {r['best_epoch']}; RecTools {r['version']}")
+            res["models"][label] = r
+            save()
     if "bert4rec" not in args.skip:
         r = run_ours(prep, "bert4rec", args.bert4rec, args.bert4rec_minutes)
         c = r["config"]
         r["note"] = (f"{c['dim']} d, {c['n_layers']} layers, length {c['max_len']}, mask {c['mask_prob']}, "
                      f"last-item {c['last_item_prob']}, lr {c['train']['lr']}; stopped: {r['stopped']}")
         res["models"]["ours: bert4rec"] = r
-        plot(r["curve_minutes_val_ndcg"], RESULTS / "pretrain_ml1m_curve.png")
         save()
+    curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items() if r.get("curve_minutes_val_ndcg")}
+    if curves:
+        plot(curves, RESULTS / "pretrain_ml1m_curve.png")
     write_results("pretrain_ml1m", res, markdown(res))
     partial.unlink(missing_ok=True)
     print(markdown(res))

@@ -173,7 +173,8 @@ def http_matches_api(base: str, model_dir: Path, index_dir: Path, n: int) -> dic
     return {"sampled_users": len(users), "http_equals_api": same / len(users)}
 
 
-async def load_step(base: str, rate: float, seconds: float, users: list, items: list, seed: int) -> dict:
+async def load_step(base: str, rate: float, seconds: float, users: list, items: list, seed: int,
+                    grace: float = 10.0) -> dict:
     """Open loop: request i is sent at t0 + i / rate whatever happened before; latency from that time."""
     import httpx
 
@@ -182,7 +183,7 @@ async def load_step(base: str, rate: float, seconds: float, users: list, items: 
     lat = np.full(n, np.nan)
     errors: list[str] = []
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=grace, limits=limits) as client:
         t0 = time.perf_counter() + 0.2
 
         async def one(i: int) -> None:
@@ -203,7 +204,14 @@ async def load_step(base: str, rate: float, seconds: float, users: list, items: 
                 return
             lat[i] = time.perf_counter() - due
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        # Bounded: whatever has not finished `grace` seconds after the last send counts as an error, so a
+        # saturated server ends the step instead of queueing it for minutes.
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        _, pending = await asyncio.wait(tasks, timeout=seconds + grace)
+        for t in pending:
+            t.cancel()
+        errors.extend(["unfinished at the step's deadline"] * len(pending))
+        await asyncio.gather(*pending, return_exceptions=True)
         wall = time.perf_counter() - t0
     done = lat[~np.isnan(lat)]
     return {"rate": rate, "requests": n, "seconds": wall, "throughput": len(done) / wall,

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     res = nightly(args.config, args.overrides)
     print(res["summary"])
+    if res.get("index", {}).get("published"):
+        cfg = load_config(args.config, args.overrides)
+        print(N.where_things_are(cfg, resolve_tracking_uri(cfg.flow.tracking_uri, cfg.data_dir)))
     return 0 if res.get("index") or res.get("stopped") else 1
 
 

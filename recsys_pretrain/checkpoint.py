@@ -64,3 +64,46 @@ def load_model_dir(path: str | Path) -> tuple[nn.Module, dict, Vocab]:
     model.load_state_dict(torch.load(path / "weights.pt", weights_only=True))
     model.eval()
     return model, meta, Vocab.load(path / "vocab.json")
+
+
+# Warm start: parameters with a row per item (row = item index) or per user are carried over by raw id;
+# every other parameter must have the same shape and is copied whole.
+ITEM_ROWS = {"mf": ("item.weight", "item_bias"), "bert4rec": ("item.weight", "bias")}
+USER_ROWS = {"mf": ("user.weight",), "bert4rec": ()}
+
+
+def item_overlap(source: str | Path, vocab: Vocab) -> float:
+    """Share of `vocab`'s items that the model in `source` already has a row for."""
+    old = Vocab.load(Path(source) / "vocab.json")
+    return float((old.item_index(vocab.items, strict=False) > 0).mean()) if vocab.n_items else 0.0
+
+
+def warm_start(model: nn.Module, name: str, vocab: Vocab, source: str | Path) -> dict:
+    """Initialise `model` (built for `vocab`) from the trained model directory `source`: rows of items and
+    users both know are copied by raw id, new items and users keep their fresh initialisation, the rest of
+    the network is copied. Refuses another model type or a different architecture."""
+    src, meta, old = load_model_dir(source)
+    if meta["model"] != name:
+        raise ValueError(f"{source}: a {meta['model']} model cannot warm-start {name}")
+    new_state, old_state = model.state_dict(), src.state_dict()
+    item_new = old.item_index(vocab.items, strict=False)  # new item index i (1..n) -> old index or -1
+    user_new = old.user_index(vocab.users, strict=False)
+    carried_items = np.flatnonzero(item_new > 0) + 1  # new indices of items the source knows
+    carried_users = np.flatnonzero(user_new >= 0)
+    with torch.no_grad():
+        for key, new in new_state.items():
+            prev = old_state[key]
+            if key in ITEM_ROWS[name]:
+                new[torch.from_numpy(carried_items)] = prev[torch.from_numpy(item_new[carried_items - 1])]
+                if name == "bert4rec":  # the [MASK] row, after the items
+                    new[vocab.mask] = prev[old.mask]
+            elif key in USER_ROWS[name]:
+                new[torch.from_numpy(carried_users)] = prev[torch.from_numpy(user_new[carried_users])]
+            elif new.shape != prev.shape:
+                raise ValueError(f"{source}: parameter {key} has shape {tuple(prev.shape)}, this model "
+                                 f"{tuple(new.shape)}: the architecture changed, train from scratch")
+            else:
+                new.copy_(prev)
+    model.load_state_dict(new_state)
+    return {"source": str(source), "items_carried": len(carried_items), "items_new": vocab.n_items - len(carried_items),
+            "users_carried": len(carried_users), "item_overlap": len(carried_items) / max(vocab.n_items, 1)}

@@ -217,7 +217,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _serve_config(args: argparse.Namespace, cfg: RunConfig):
     scfg = cfg.serve
-    for name in ("model", "index", "categories", "host", "port"):
+    for name in ("model", "index", "categories", "host", "port", "reranker"):
         if getattr(args, name, None) is not None:
             scfg = replace(scfg, **{name: getattr(args, name)})
     if not scfg.model and not (scfg.index or "").endswith(".json"):
@@ -226,12 +226,15 @@ def _serve_config(args: argparse.Namespace, cfg: RunConfig):
 
 
 def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
-    from recsys_pretrain.recommend import Recommender
+    from recsys_pretrain.serve import load_recommender, sources
 
     cfg, _ = _config(args, extra, "serve")
     scfg = _serve_config(args, cfg)
-    rec = Recommender.load(scfg.model, scfg.index, tracking_uri=_model_tracking_uri(scfg.model, cfg),
-                           categories=scfg.categories, max_k=scfg.max_k, cache_dir=scfg.cache_dir)
+    model = None if (scfg.index or "").endswith(".json") else sources(scfg)[0]
+    tracking_uri = _model_tracking_uri(model, cfg)
+    if scfg.reranker and tracking_uri is None:
+        tracking_uri = _model_tracking_uri(None, cfg)
+    rec = load_recommender(scfg, tracking_uri)
     if args.user:
         label, queries = "user", args.user
         answers = rec.recommend(args.user, args.k, category=args.category)
@@ -269,7 +272,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
-    """The embedded default, end to end: generate a log, ingest it, prepare it, print the report."""
+    """The data stages on the configured log: generate it (when synthetic), ingest, prepare, print the report.
+    The whole pipeline with training, registry and index is the nightly flow (`make run`)."""
     from recsys_pretrain.data.ingest import ingest
     from recsys_pretrain.data.prepare import prepare
 
@@ -356,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("recommend", help="top-k items for a user, a history or an item, from a model's index")
     s.add_argument("--model", help="a model directory, an MLflow run id or models:/NAME@ALIAS")
-    s.add_argument("--index", help="an index directory (default: exact search built in memory)")
+    s.add_argument("--index", help="an index directory or a pointer file (.json, as the nightly flow publishes); default: exact search built in memory")
     q = s.add_mutually_exclusive_group(required=True)
     q.add_argument("--user", action="append", help="a raw user id (repeat for several)")
     q.add_argument("--history", help="raw item ids, comma-separated, oldest first")
@@ -364,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--category", help="only items of this category (needs --categories)")
     s.add_argument("--categories", help="table with item_id, category_id (e.g. an ingested events.parquet)")
+    s.add_argument("--reranker", help="re-rank the candidates with a fine-tuned ranker (MLflow model URI, e.g. "
+                                      "models:/recsys-ranker@champion)")
     s.add_argument("--json", action="store_true", help="JSON instead of a table")
     s.set_defaults(func=cmd_recommend)
 
@@ -374,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--categories", help="table with item_id, category_id for the category filter")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int)
+    s.add_argument("--reranker", help="re-rank the candidates with a fine-tuned ranker (MLflow model URI)")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("run", help="the whole pipeline once on the configured (default: synthetic) data")
+    s = sub.add_parser("run", help="the data stages once (generate, ingest, prepare); the whole "
+                                          "pipeline is the nightly flow: `make run`")
     s.set_defaults(func=cmd_run)
     return p
 

@@ -122,6 +122,7 @@ class PretrainConfig:
     bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
     experiment: str | None = None  # MLflow experiment; None = named after the dataset
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
+    warm_epoch_share: float = 0.25  # a warm-started run trains this share of the epoch budget
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,12 @@ class FlowConfig:
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
     registry_prefix: str = "recsys"  # registered models: <prefix>-mf, <prefix>-bert4rec, <prefix>-ranker
     schedule_cron: str = "0 2 * * *"  # nightly at 02:00
+    # Warm start: pretrain from the champion's weights when at least this share of tonight's items is known
+    # to it, except every `full_retrain_every`-th night (counted in data/<name>/state.json), which trains
+    # from scratch so that drift cannot accumulate.
+    warm_start: bool = True
+    warm_start_min_overlap: float = 0.8
+    full_retrain_every: int = 7
     timezone: str = "UTC"
     gates: GateConfig = field(default_factory=GateConfig)
 

@@ -515,4 +515,33 @@ def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, trac
         tracker.log_metrics(final, step=0)
         tracker.set_tags({"target_met": meta["recall"]["target_met"], "search_param": meta["search"]})
         tracker.log_dict(meta, "index.json")
+        if meta.get("tuning"):
+            tracker.log_figure(recall_latency_plot(meta), "recall_vs_latency.png")
     return IndexBuildResult(path=Path(out), meta=meta, run_id=run_id)
+
+
+def recall_latency_plot(meta: dict):
+    """Recall@10 / @100 against single-query p50 latency along the tuning walk, the chosen setting marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = meta["tuning"]
+    knob = "efSearch" if "efSearch" in rows[0] else "nprobe"
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k in RECALL_KS:
+        ax.plot([r["p50_ms"] for r in rows], [r[f"recall_at_{k}"] for r in rows], marker="o", label=f"recall@{k}")
+    for r in rows:
+        ax.annotate(f"{r[knob]}", (r["p50_ms"], r["recall_at_10"]), fontsize=7, textcoords="offset points",
+                    xytext=(3, -9))
+    chosen = next((r for r in rows if r[knob] == (meta.get("search") or {}).get("value")), None)
+    if chosen is not None:
+        ax.axvline(chosen["p50_ms"], color="grey", ls=":", label=f"chosen {knob}={chosen[knob]}")
+    ax.axhline(meta.get("recall", {}).get("target", 0.95), color="red", ls="--", lw=0.8, label="target")
+    ax.set_xlabel("single-query p50 latency (ms, one thread)")
+    ax.set_ylabel("recall against exact search")
+    ax.set_title(f"{meta['resolved_factory']}: recall vs latency ({meta['n_items']:,} items)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

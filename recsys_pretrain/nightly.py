@@ -6,6 +6,7 @@ paths, run ids and metrics, so a step can also run by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -89,20 +90,49 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
                   flow_run_id: str | None = None) -> dict:
     from dataclasses import replace
 
-    from recsys_pretrain.tracking import MLflowTracker
+    from recsys_pretrain.tracking import MLflowTracker, set_run_tags
     from recsys_pretrain.train.pretrain import pretrain
 
     tracker = MLflowTracker(tracking_uri)
     pcfg = replace(cfg.pretrain, model=model)
-    out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}"
+    source, why = warm_start_source(model, prepared, cfg, tracking_uri)
+    out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}{'-warm' if source else ''}"
     res = pretrain(prepared, pcfg, out, tracker=tracker, parent_run_id=parent_run_id,
-                   run_name=f"{model} ({Path(prepared).name[:8]})")
-    if flow_run_id:
-        from recsys_pretrain.tracking import set_run_tags
-
-        set_run_tags(res.run_id, {"prefect_flow_run_id": flow_run_id}, tracking_uri)
+                   run_name=f"{model} ({Path(prepared).name[:8]}{', warm start' if source else ''})",
+                   init_from=source)
+    set_run_tags(res.run_id, {"init_reason": why, **({"prefect_flow_run_id": flow_run_id} if flow_run_id else {})},
+                 tracking_uri)
+    state = read_state(cfg)
+    state.setdefault("trained_nights", {})[model] = state.get("trained_nights", {}).get(model, 0) + 1
+    write_json(_state_path(cfg), state)
     return {"run_id": res.run_id, "model_uri": res.model_uri, "model_dir": str(res.model_dir), "test": res.test,
-            "valid": res.valid, "seconds": res.seconds}
+            "valid": res.valid, "seconds": res.seconds, "warm_start": source is not None, "init": why}
+
+
+def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[str | None, str]:
+    """The champion's model directory to warm-start `model` from tonight, or None, and why."""
+    from recsys_pretrain.checkpoint import item_overlap
+    from recsys_pretrain.tracking import download_artifacts, get_alias_version
+    from recsys_pretrain.vocab import Vocab
+
+    if not cfg.flow.warm_start:
+        return None, "from scratch: warm start is off"
+    champ = get_alias_version(f"{cfg.flow.registry_prefix}-{model}", "champion", tracking_uri)
+    if champ is None:
+        return None, "from scratch: no champion to start from"
+    night = read_state(cfg).get("trained_nights", {}).get(model, 0) + 1
+    if (night - 1) % cfg.flow.full_retrain_every == 0:
+        return None, f"from scratch: night {night}, a full retrain every {cfg.flow.full_retrain_every} nights"
+    source = download_artifacts(champ["run_id"], "model_dir", tracking_uri)
+    arch = {k: v for k, v in json.loads((Path(source) / "model.json").read_text())["config"].items() if k != "train"}
+    now = {k: v for k, v in dataclasses.asdict(getattr(cfg.pretrain, model)).items() if k != "train"}
+    if arch != now:
+        return None, f"from scratch: the architecture changed since champion v{champ['version']}"
+    overlap = item_overlap(source, Vocab.load(Path(prepared) / "vocab.json"))
+    if overlap < cfg.flow.warm_start_min_overlap:
+        return None, (f"from scratch: champion v{champ['version']} knows {overlap:.0%} of tonight's items "
+                      f"(< {cfg.flow.warm_start_min_overlap:.0%})")
+    return str(source), f"warm start from champion v{champ['version']} ({overlap:.0%} of tonight's items known)"
 
 
 def champion_metric(model_name: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[float | None, str]:
@@ -156,7 +186,19 @@ def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_i
                                  tracker=tracker, parent_run_id=parent_run_id)
     res = finetune(work / "labels", pre.model_dir, cfg.finetune, work / "ranker", tracker=tracker,
                    parent_run_id=parent_run_id)
-    return {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
+    out = {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
+    if res.model_uri:  # registered; `champion` (what `--reranker models:/<prefix>-ranker@champion` loads) if better
+        from recsys_pretrain.tracking import get_alias_version, register_model, run_metrics, set_alias
+
+        name, metric = f"{cfg.flow.registry_prefix}-ranker", "test/click_auc"
+        champ = get_alias_version(name, "champion", tracking_uri)
+        champ_value = run_metrics(champ["run_id"], tracking_uri).get(metric) if champ else None
+        gate = promotion_gate(res.test["click_auc"], champ_value, dataclasses.replace(cfg.flow.gates, metric=metric))
+        version = register_model(res.model_uri, name, tracking_uri)
+        if gate.passed:
+            set_alias(name, "champion", version, tracking_uri)
+        out["registered"] = {"model": name, "version": version, "promoted": gate.passed, "reasons": gate.reasons}
+    return out
 
 
 def publish_index_step(cfg: RunConfig, tracking_uri: str, parent_run_id: str | None = None) -> dict:
@@ -199,4 +241,35 @@ def summary_markdown(result: dict, tracking_uri: str) -> str:
                      f"{result['ranker']['test']['purchase_auc']:.4f}")
     if result.get("index"):
         lines.append(f"- index published at `{result['index'].get('path')}`")
+    return "\n".join(lines) + "\n"
+
+
+def where_things_are(cfg: RunConfig, tracking_uri: str, sample_k: int = 5) -> str:
+    """After a run: how to open the MLflow UI on its store, the champions' metrics, and a sample answer
+    from the published index (what `make run` prints last)."""
+    from recsys_pretrain.config import ServeConfig
+    from recsys_pretrain.serve import load_recommender
+    from recsys_pretrain.tracking import get_alias_version, run_metrics
+
+    lines = ["## Where things are", "",
+             f"MLflow UI on this store: `mlflow ui --backend-store-uri {tracking_uri} --port 5000`, then open "
+             "http://127.0.0.1:5000", "", "Champions (registered models, alias `champion`):"]
+    for model in (*cfg.flow.models, "ranker"):
+        name = f"{cfg.flow.registry_prefix}-{model}"
+        champ = get_alias_version(name, "champion", tracking_uri)
+        if champ is None:
+            lines.append(f"- {name}: none")
+            continue
+        m = run_metrics(champ["run_id"], tracking_uri)
+        keys = ("test/click_auc", "test/purchase_auc") if model == "ranker" else ("test/ndcg_at_10", "test/hr_at_10")
+        lines.append(f"- {name} v{champ['version']} (run {champ['run_id'][:12]}): "
+                     + ", ".join(f"{k} {m[k]:.4f}" for k in keys if k in m))
+    pointer = root(cfg) / "serving" / "current.json"
+    if pointer.exists():
+        rec = load_recommender(ServeConfig(index=str(pointer)), tracking_uri)
+        user = rec.vocab.users[0]
+        answer = rec.recommend([user], sample_k)[0]
+        lines += ["", f"Sample answer: `recsys-pretrain recommend --index {pointer} --user {user} -k {sample_k}`", "", "| rank | item_id | score |", "|---:|---|---:|"]
+        lines += [f"| {r} | {i} | {s:.4f} |" for r, (i, s) in enumerate(zip(answer.ids, answer.scores, strict=True), 1)]
+        lines += ["", f"Serve it: `recsys-pretrain serve --index {pointer}` (http://127.0.0.1:8000/docs)"]
     return "\n".join(lines) + "\n"

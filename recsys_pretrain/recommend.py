@@ -155,7 +155,7 @@ class Recommender:
         if len(known):
             u = users[known]
             seen = [self._seen(x) for x in u] if exclude_seen else [np.zeros(0, np.int64)] * len(u)
-            ctx = [user_ids[i] for i in known]
+            ctx = self.vocab.user_ids(u)  # raw ids in the vocabulary's type ("17" from a URL -> 17)
             for i, ans in zip(known, self._retrieve(self.user_vectors[u], k, seen, allowed, ctx, "user_vector"),
                               strict=True):
                 answers[i] = ans

@@ -284,23 +284,28 @@ def sources(cfg: ServeConfig) -> tuple[str, str | None]:
     return cfg.model, cfg.index
 
 
+def load_recommender(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommender:
+    """The Recommender the config names: model, index (or pointer file), categories, re-ranker."""
+    model, index = sources(cfg)  # read each time: the pointer may have moved
+    reranker = None
+    if cfg.reranker:
+        from recsys_pretrain.recommend import pyfunc_reranker
+        from recsys_pretrain.tracking import load_pyfunc
+
+        if not tracking_uri:
+            raise ValueError("serve.reranker: an MLflow model URI needs a tracking_uri")
+        reranker = pyfunc_reranker(load_pyfunc(cfg.reranker, tracking_uri), cfg.reranker_column)
+    return Recommender.load(model, index, tracking_uri=tracking_uri, categories=cfg.categories,
+                            reranker=reranker, reranker_name=cfg.reranker, rerank_pool=cfg.rerank_pool,
+                            max_k=cfg.max_k, cache_dir=cfg.cache_dir)
+
+
 def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> RecommenderHolder:
     """The Recommender the config names, behind a holder that can reload it (and watch its index)."""
     sources(cfg)  # a bad configuration fails here, before anything loads
 
     def load() -> Recommender:
-        model, index = sources(cfg)  # read again on each reload: the pointer may have moved
-        reranker = None
-        if cfg.reranker:
-            from recsys_pretrain.recommend import pyfunc_reranker
-            from recsys_pretrain.tracking import load_pyfunc
-
-            if not tracking_uri:
-                raise ValueError("serve.reranker: an MLflow model URI needs a tracking_uri")
-            reranker = pyfunc_reranker(load_pyfunc(cfg.reranker, tracking_uri), cfg.reranker_column)
-        return Recommender.load(model, index, tracking_uri=tracking_uri, categories=cfg.categories,
-                                reranker=reranker, reranker_name=cfg.reranker, rerank_pool=cfg.rerank_pool,
-                                max_k=cfg.max_k, cache_dir=cfg.cache_dir)
+        return load_recommender(cfg, tracking_uri)
 
     if cfg.faiss_threads > 0:
         import faiss

@@ -10,11 +10,20 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.deploy import deployment_kwargs
 from flows.nightly import nightly
+from recsys_pretrain import cli
 from recsys_pretrain import nightly as N
+from recsys_pretrain.config import load_config
 from recsys_pretrain.tracking import get_alias_version
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")
+
+
+def _first_user(tmp):
+    from recsys_pretrain.vocab import Vocab
+
+    prepared = next((tmp / "data" / "tiny" / "prepared").iterdir())
+    return Vocab.load(prepared / "vocab.json").users[0]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,7 +40,7 @@ def flow_env(tmp_path, monkeypatch):
     return [f"data_dir={tmp_path / 'data'}", f"flow.tracking_uri={uri}"], uri, tmp_path
 
 
-def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_env, monkeypatch):
+def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_env, monkeypatch, capsys):
     overrides, uri, tmp = flow_env
     calls = {"ingest": 0}
     real_ingest = N.ingest_step
@@ -53,6 +62,23 @@ def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_
     assert current["model"] == "models:/recsys-bert4rec@champion" and (tmp / current["path"]).exists()
     ranker = first["ranker"]  # tiny data: the AUC itself is noise here, its presence and range are not
     assert 0.0 <= ranker["test"]["click_auc"] <= 1.0 and (tmp / ranker["ranker_dir"] / "ranker.json").exists()
+    assert ranker["registered"]["promoted"] and get_alias_version("recsys-ranker", "champion", uri)["version"] == 1
+    assert not first["models"]["mf"]["warm_start"] and "no champion" in first["models"]["mf"]["init"]
+
+    # what `make run` prints after the flow: the UI command, the champions' metrics, a served answer
+    report = N.where_things_are(load_config(TINY, overrides), uri)
+    assert f"mlflow ui --backend-store-uri {uri}" in report
+    assert "recsys-mf v1" in report and "test/ndcg_at_10" in report and "recsys-ranker v1" in report
+    assert "| 1 |" in report and "| 5 |" in report  # five recommended items from the published index
+
+    # the CLI answers from what the flow published, re-ranked by the registered ranker
+    pointer = str(tmp / "data" / "tiny" / "serving" / "current.json")
+    user = _first_user(tmp)
+    argv = ["--config", TINY, "recommend", "--index", pointer, "--user", str(user), "-k", "5", "--json",
+            "--reranker", "models:/recsys-ranker@champion", f"pretrain.tracking_uri={uri}"]
+    assert cli.main(argv) == 0
+    answer = json.loads(capsys.readouterr().out)[0]
+    assert answer["reranked"] is True and len(answer["items"]) == 5 and answer["fallback"] is None
 
     client = MlflowClient(uri)
     parent = client.get_run(first["mlflow_run_id"])
@@ -71,7 +97,7 @@ def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_
     # Night two, the same log: ingest is not run again (cached on the content hash). A deliberately
     # worse mf (one epoch at a tiny learning rate) does not beat the champion on the same test set.
     worse = [*overrides, "pretrain.mf.train.epochs=1", "pretrain.mf.train.lr=1e-6", "flow.models=[mf]",
-             "flow.finetune=false"]
+             "flow.finetune=false", "flow.warm_start=false"]
     second = nightly(TINY, worse)
     assert calls["ingest"] == 2
     decision = second["promotions"][0]
@@ -88,6 +114,12 @@ def test_quality_gate_stops_a_night_that_looks_wrong(flow_env):
                            "synth.seed=5"])
     assert small["stopped"].startswith("data-quality gate") and "volume" in small["stopped"]
     assert small["models"] == {} and get_alias_version("recsys-mf", "champion", uri)["version"] == 1
+
+    # The next good night warm-starts from the champion (night 1 trained from scratch: nothing to start from).
+    third = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false"])
+    assert third["models"]["mf"]["warm_start"] and third["models"]["mf"]["init"].startswith("warm start from champion v1")
+    run = MlflowClient(uri).get_run(third["models"]["mf"]["run_id"])
+    assert run.data.tags["init"] == "warm start" and run.data.params["warm_start.item_overlap"] == "1.0"
 
 
 def test_deployment_has_the_configured_schedule():

@@ -118,6 +118,7 @@ class FinetuneResult:
     ranker_dir: Path
     run_id: str | None
     seconds: float
+    model_uri: str | None = None  # the logged pyfunc ranker, for the registry
 
 
 def finetune(label_dir: str | Path, pretrained_dir: str | Path, cfg: FinetuneConfig, out_dir: str | Path,
@@ -177,9 +178,9 @@ def finetune(label_dir: str | Path, pretrained_dir: str | Path, cfg: FinetuneCon
         tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=result.epochs_run)
         ranker_dir = save_ranker(out_dir / "ranker", model, cfg, pretrained_dir, Path(label_dir))
         tracker.log_model_dir(ranker_dir, name="ranker_dir")
-        tracker.log_ranker(ranker_dir, name="ranker")
+        model_uri = tracker.log_ranker(ranker_dir, name="ranker")
     return FinetuneResult(cfg.init, cfg.label_fraction, len(train), result, metrics, ranker_dir, run_id,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, model_uri)
 
 
 def save_ranker(path: Path, model: ESMMRanker, cfg: FinetuneConfig, pretrained_dir: Path, label_dir: Path) -> Path:

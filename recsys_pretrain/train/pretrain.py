@@ -22,7 +22,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from recsys_pretrain.checkpoint import build_model, save_model_dir
+from recsys_pretrain.checkpoint import build_model, save_model_dir, warm_start
 from recsys_pretrain.config import BERT4RecConfig, MFConfig, PretrainConfig, TrainConfig, flatten
 from recsys_pretrain.masking import append_mask, mask_items
 from recsys_pretrain.metrics import evaluate_scores, popularity_scores
@@ -281,13 +281,17 @@ class PretrainResult:
     popularity_test: dict[str, float]
     seconds: float
     model_uri: str | None = None  # the logged pyfunc model, for the registry
+    warm_start: dict | None = None  # what was carried over from `init_from`, if given
 
 
 def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tracker=None,
              run_name: str | None = None, parent_run_id: str | None = None,
-             on_epoch: Callable[[int, dict], None] | None = None) -> PretrainResult:
+             on_epoch: Callable[[int, dict], None] | None = None,
+             init_from: str | Path | None = None) -> PretrainResult:
     """Train `cfg.model` on a prepared dataset; write `out_dir/{checkpoints,model}`; track the run.
-    `on_epoch(epoch, history_row)` is called after each epoch (after its checkpoint is written)."""
+    `on_epoch(epoch, history_row)` is called after each epoch (after its checkpoint is written).
+    `init_from`: a trained model directory of the same architecture to warm-start from (items and users by
+    raw id, new ones fresh); the run then gets `cfg.warm_epoch_share` of the epoch budget."""
     from recsys_pretrain.tracking import NullTracker, git_commit
 
     tracker = tracker or NullTracker()
@@ -296,17 +300,23 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
     tcfg = mcfg.train
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, mcfg, data.n_users, data.n_items)
+    warm = None
+    if init_from is not None:
+        warm = warm_start(model, cfg.model, data.vocab, init_from)
+        tcfg = dataclasses.replace(tcfg, epochs=max(1, round(tcfg.epochs * cfg.warm_epoch_share)),
+                                   eval_every=min(tcfg.eval_every, max(1, round(tcfg.epochs * cfg.warm_epoch_share))))
     task = make_task(cfg.model, mcfg, data, tcfg)
     out_dir = Path(out_dir)
     experiment = cfg.experiment or data.name
     run_name = run_name or f"{cfg.model}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"model_type": cfg.model, "dataset": data.name, "dataset_sha256": data.meta.get("events_sha256", ""),
-            "git_commit": git_commit() or "unknown"}
+            "git_commit": git_commit() or "unknown", "init": "warm start" if warm else "from scratch"}
     t0 = time.perf_counter()
     with tracker.start_run(experiment, run_name, tags=tags, parent_run_id=parent_run_id,
                            description=f"{cfg.model} pretraining on {data.name}: leave-last-out, full ranking, "
                                        "history excluded; model chosen on validation NDCG@10") as run_id:
         tracker.log_params(flatten({"model": cfg.model, cfg.model: dataclasses.asdict(mcfg),
+                                    **({"warm_start": {**warm, "epochs": tcfg.epochs}} if warm else {}),
                                     "data": {"users": data.n_users, "items": data.n_items,
                                              "interactions": data.meta.get("interactions")}}))
         tracker.log_input(name=data.name, digest=data.meta.get("events_sha256", "")[:32],
@@ -349,4 +359,5 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
             tracker.log_artifact(result.best_checkpoint, "checkpoints")
         model_uri = tracker.log_recommender(model_dir, name="model")
     return PretrainResult(run_id=run_id, model_dir=model_dir, fit=result, valid=valid, test=test,
-                          popularity_test=pop, seconds=time.perf_counter() - t0, model_uri=model_uri)
+                          popularity_test=pop, seconds=time.perf_counter() - t0, model_uri=model_uri,
+                          warm_start=warm)
