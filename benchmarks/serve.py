@@ -275,7 +275,7 @@ def main() -> None:
     p.add_argument("--http-check-users", type=int)
     args = p.parse_args()
     quick = args.quick
-    rates = [float(r) for r in (args.rates or ("25,50" if quick else "50,100,200,400,600,800,1200")).split(",")]
+    rates = [float(r) for r in (args.rates or ("25,50" if quick else "50,100,125,150,175,200,300")).split(",")]
     seconds = args.seconds or (2.0 if quick else 20.0)
     keep_share = 0.98
 
