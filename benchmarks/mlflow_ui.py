@@ -28,7 +28,7 @@ from _common import RESULTS, ROOT, write_results  # noqa: E402
 KEY_METRICS = ("test/ndcg_at_10", "test/hr_at_10")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--window-size=1800,1400"]
+                  "--hide-scrollbars", "--window-size=1600,3400"]
 
 
 def free_port() -> int:
@@ -109,7 +109,7 @@ def main() -> None:
         for k in KEY_METRICS:
             v = r.data.metrics.get(k)
             if v is not None:
-                checks[f"{name}: {k} = {v:.4g}"] = f"{v:.4g}"[:5] in dom
+                checks[f"{name}: {k} = {v:.3f}"] = f"{v:.3f}" in dom  # the compare table shows 3 decimals
     for k in KEY_METRICS:
         checks[f"metric row: {k}"] = k in dom
     missing = [k for k, ok in checks.items() if not ok]
