@@ -237,7 +237,7 @@ def markdown(res: dict) -> str:
     ]
     if "curve_minutes_val_ndcg" in b:
         lines += ["## BERT4Rec: validation NDCG@10 against wall-clock minutes", "",
-                  "![curve](pretrain_ml1m_curve.png)", "",
+                  f"![curve]({res.get('name', 'pretrain_ml1m')}_curve.png)", "",
                   "| minutes | " + " | ".join(f"{m:.1f}" for m, _ in b["curve_minutes_val_ndcg"]) + " |",
                   "|---|" + "---:|" * len(b["curve_minutes_val_ndcg"]),
                   "| val NDCG@10 | " + " | ".join(f"{v:.4f}" for _, v in b["curve_minutes_val_ndcg"]) + " |", ""]
@@ -268,12 +268,13 @@ def main() -> None:
     ap.add_argument("--bert4rec", nargs="*", default=[], help="overrides, e.g. dim=64 train.lr=0.001")
     ap.add_argument("--rectools-minutes", type=float, default=15.0, help="budget of each RecTools Transformer")
     ap.add_argument("--skip", nargs="*", default=[], help="any of: peers mf bert4rec rectools")
+    ap.add_argument("--name", default="pretrain_ml1m", help="results name (benchmarks/results/NAME.{md,json})")
     args = ap.parse_args()
     torch.set_num_threads(2)
     prep = data_ready()
     data = load_prepared(prep)
     res: dict = {"models": {}, "notes": []}
-    partial = RESULTS / "pretrain_ml1m.partial.json"
+    partial = RESULTS / f"{args.name}.partial.json"
 
     def save() -> None:
         partial.write_text(json.dumps(res, indent=1, default=str))
@@ -308,8 +309,9 @@ def main() -> None:
         save()
     curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items() if r.get("curve_minutes_val_ndcg")}
     if curves:
-        plot(curves, RESULTS / "pretrain_ml1m_curve.png")
-    write_results("pretrain_ml1m", res, markdown(res))
+        plot(curves, RESULTS / f"{args.name}_curve.png")
+    res["name"] = args.name
+    write_results(args.name, res, markdown(res))
     partial.unlink(missing_ok=True)
     print(markdown(res))
 
