@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     print(res["summary"])
     if res.get("index", {}).get("published"):
         cfg = load_config(args.config, args.overrides)
-        print(N.where_things_are(cfg, resolve_tracking_uri(cfg.flow.tracking_uri, cfg.data_dir)))
+        try:
+            print(N.where_things_are(cfg, resolve_tracking_uri(cfg.flow.tracking_uri, cfg.data_dir)))
+        except Exception as exc:  # the flow succeeded; a failing summary must not say otherwise
+            print(f"(could not summarise where things are: {exc})")
     return 0 if res.get("index") or res.get("stopped") else 1
 
 

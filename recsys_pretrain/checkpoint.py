@@ -90,6 +90,12 @@ def warm_start(model: nn.Module, name: str, vocab: Vocab, source: str | Path) ->
     user_new = old.user_index(vocab.users, strict=False)
     carried_items = np.flatnonzero(item_new > 0) + 1  # new indices of items the source knows
     carried_users = np.flatnonzero(user_new >= 0)
+    for key, new in new_state.items():  # check everything before writing anything
+        prev = old_state.get(key)
+        rows = key in ITEM_ROWS[name] or key in USER_ROWS[name]
+        if prev is None or (prev.shape[1:] if rows else prev.shape) != (new.shape[1:] if rows else new.shape):
+            raise ValueError(f"{source}: parameter {key} has shape {None if prev is None else tuple(prev.shape)}, "
+                             f"this model {tuple(new.shape)}: the architecture changed, train from scratch")
     with torch.no_grad():
         for key, new in new_state.items():
             prev = old_state[key]
@@ -99,9 +105,6 @@ def warm_start(model: nn.Module, name: str, vocab: Vocab, source: str | Path) ->
                     new[vocab.mask] = prev[old.mask]
             elif key in USER_ROWS[name]:
                 new[torch.from_numpy(carried_users)] = prev[torch.from_numpy(user_new[carried_users])]
-            elif new.shape != prev.shape:
-                raise ValueError(f"{source}: parameter {key} has shape {tuple(prev.shape)}, this model "
-                                 f"{tuple(new.shape)}: the architecture changed, train from scratch")
             else:
                 new.copy_(prev)
     model.load_state_dict(new_state)

@@ -175,7 +175,7 @@ class FlowConfig:
     # from scratch so that drift cannot accumulate.
     warm_start: bool = True
     warm_start_min_overlap: float = 0.8
-    full_retrain_every: int = 7
+    full_retrain_every: int = 7  # 0 = never
     timezone: str = "UTC"
     gates: GateConfig = field(default_factory=GateConfig)
 

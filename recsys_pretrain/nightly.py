@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from recsys_pretrain.config import RunConfig
@@ -97,6 +98,8 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
     pcfg = replace(cfg.pretrain, model=model)
     source, why = warm_start_source(model, prepared, cfg, tracking_uri)
     out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}{'-warm' if source else ''}"
+    if (out / "model").exists():  # a finished run of the same data: train anew (an unfinished one resumes)
+        shutil.rmtree(out)
     res = pretrain(prepared, pcfg, out, tracker=tracker, parent_run_id=parent_run_id,
                    run_name=f"{model} ({Path(prepared).name[:8]}{', warm start' if source else ''})",
                    init_from=source)
@@ -121,11 +124,13 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     if champ is None:
         return None, "from scratch: no champion to start from"
     night = read_state(cfg).get("trained_nights", {}).get(model, 0) + 1
-    if (night - 1) % cfg.flow.full_retrain_every == 0:
+    if cfg.flow.full_retrain_every > 0 and (night - 1) % cfg.flow.full_retrain_every == 0:
         return None, f"from scratch: night {night}, a full retrain every {cfg.flow.full_retrain_every} nights"
     source = download_artifacts(champ["run_id"], "model_dir", tracking_uri)
-    arch = {k: v for k, v in json.loads((Path(source) / "model.json").read_text())["config"].items() if k != "train"}
-    now = {k: v for k, v in dataclasses.asdict(getattr(cfg.pretrain, model)).items() if k != "train"}
+    shape_keys = ("dim", "n_heads", "n_layers", "max_len", "ffn_mult")  # what sizes the weights
+    old_cfg = json.loads((Path(source) / "model.json").read_text())["config"]
+    arch = {k: old_cfg.get(k) for k in shape_keys}
+    now = {k: getattr(getattr(cfg.pretrain, model), k, None) for k in shape_keys}
     if arch != now:
         return None, f"from scratch: the architecture changed since champion v{champ['version']}"
     overlap = item_overlap(source, Vocab.load(Path(prepared) / "vocab.json"))

@@ -76,6 +76,7 @@ def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_
     user = _first_user(tmp)
     argv = ["--config", TINY, "recommend", "--index", pointer, "--user", str(user), "-k", "5", "--json",
             "--reranker", "models:/recsys-ranker@champion", f"pretrain.tracking_uri={uri}"]
+    capsys.readouterr()
     assert cli.main(argv) == 0
     answer = json.loads(capsys.readouterr().out)[0]
     assert answer["reranked"] is True and len(answer["items"]) == 5 and answer["fallback"] is None

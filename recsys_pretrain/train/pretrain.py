@@ -303,8 +303,10 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
     warm = None
     if init_from is not None:
         warm = warm_start(model, cfg.model, data.vocab, init_from)
-        tcfg = dataclasses.replace(tcfg, epochs=max(1, round(tcfg.epochs * cfg.warm_epoch_share)),
-                                   eval_every=min(tcfg.eval_every, max(1, round(tcfg.epochs * cfg.warm_epoch_share))))
+        share = cfg.warm_epoch_share
+        tcfg = dataclasses.replace(tcfg, epochs=max(1, round(tcfg.epochs * share)),
+                                   eval_every=min(tcfg.eval_every, max(1, round(tcfg.epochs * share))),
+                                   warmup_steps=round(tcfg.warmup_steps * share))
     task = make_task(cfg.model, mcfg, data, tcfg)
     out_dir = Path(out_dir)
     experiment = cfg.experiment or data.name
