@@ -47,10 +47,13 @@ def nights(work: Path, synth: SynthConfig, night1_days: int) -> tuple[Path, Path
         write_synthetic(synth, raw)
     events = pl.read_csv(raw, infer_schema_length=10_000)
     ts = pl.col("timestamp").str.to_datetime(time_zone="UTC") if events["timestamp"].dtype == pl.String \
-        else pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
+        else pl.from_epoch(pl.col("timestamp"), time_unit="s").dt.replace_time_zone("UTC")  # epoch seconds
     cutoff = events.select(ts.min()).item() + dt.timedelta(days=night1_days)
     n1 = work / "raw" / "night1.csv"
-    events.filter(ts < cutoff).write_csv(n1)
+    night1 = events.filter(ts < cutoff)
+    if not 0 < len(night1) < len(events):
+        raise RuntimeError(f"night 1 has {len(night1)} of {len(events)} events: the split by time failed")
+    night1.write_csv(n1)
     out = []
     for name, path in (("night1", n1), ("night2", raw)):
         ing, prep = work / name / "ingested", work / name / "prepared"
