@@ -516,7 +516,11 @@ def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, trac
         tracker.set_tags({"target_met": meta["recall"]["target_met"], "search_param": meta["search"]})
         tracker.log_dict(meta, "index.json")
         if meta.get("tuning"):
-            tracker.log_figure(recall_latency_plot(meta), "recall_vs_latency.png")
+            import matplotlib.pyplot as plt
+
+            fig = recall_latency_plot(meta)
+            tracker.log_figure(fig, "recall_vs_latency.png")
+            plt.close(fig)
     return IndexBuildResult(path=Path(out), meta=meta, run_id=run_id)
 
 

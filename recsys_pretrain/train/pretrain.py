@@ -353,6 +353,9 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                                           "best_epoch": result.best_epoch, "run_id": run_id})
         fig = training_curve(result.history, f"{cfg.model} on {data.name}")
         tracker.log_figure(fig, "training_curve.png")
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
         tracker.log_dict(dataclasses.asdict(cfg), "config.json")
         tracker.log_dict({"valid": valid, "test": test, "popularity_test": pop, "history": result.history},
                          "metrics.json")
