@@ -245,7 +245,8 @@ def markdown(res: dict) -> str:
             lines.append(f"- At {m}: the best-on-validation model so far (epoch {info['best_epoch']}) has "
                          f"validation NDCG@10 {info['val']:.4f} and **test NDCG@10 {info['test']:.4f}**.")
         lines.append("")
-    curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items() if r.get("curve_minutes_val_ndcg")}
+    curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items()
+              if r.get("curve_minutes_val_ndcg") and r["curve_minutes_val_ndcg"][-1][0] >= 1.0}  # the Transformers
     if len(curves) > 1:
         marks = [m for m in (5, 10, 12, 15, 20, 30, 45, 60) if any(c and c[-1][0] >= m * 0.98 for c in curves.values())]
         lines += ["## Transformers at equal wall-clock minutes (best validation NDCG@10 so far)", "",
