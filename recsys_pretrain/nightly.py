@@ -50,6 +50,11 @@ def ingest_step(inputs: list[str], cfg: RunConfig) -> str:
     return str(out)
 
 
+def _model_cache(cfg: RunConfig) -> Path:
+    """Registered models' directories, fetched from MLflow once per run id (warm start, gate, index)."""
+    return root(cfg) / "serving" / "models"
+
+
 def _state_path(cfg: RunConfig) -> Path:
     return root(cfg) / "state.json"
 
@@ -115,7 +120,8 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
 def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[str | None, str]:
     """The champion's model directory to warm-start `model` from tonight, or None, and why."""
     from recsys_pretrain.checkpoint import item_overlap
-    from recsys_pretrain.tracking import download_artifacts, get_alias_version
+    from recsys_pretrain.index import resolve_model_dir
+    from recsys_pretrain.tracking import get_alias_version
     from recsys_pretrain.vocab import Vocab
 
     if not cfg.flow.warm_start:
@@ -126,7 +132,7 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     night = read_state(cfg).get("trained_nights", {}).get(model, 0) + 1
     if cfg.flow.full_retrain_every > 0 and (night - 1) % cfg.flow.full_retrain_every == 0:
         return None, f"from scratch: night {night}, a full retrain every {cfg.flow.full_retrain_every} nights"
-    source = download_artifacts(champ["run_id"], "model_dir", tracking_uri)
+    source = resolve_model_dir(champ["run_id"], tracking_uri, cache_dir=_model_cache(cfg))
     shape_keys = ("dim", "n_heads", "n_layers", "max_len", "ffn_mult")  # what sizes the weights
     old_cfg = json.loads((Path(source) / "model.json").read_text())["config"]
     arch = {k: old_cfg.get(k) for k in shape_keys}
@@ -144,13 +150,14 @@ def champion_metric(model_name: str, prepared: str, cfg: RunConfig, tracking_uri
     """The registered champion's metric on tonight's held-out data (its model evaluated again when it
     knows tonight's users and items; else the metric it was logged with, said so in the note)."""
     from recsys_pretrain.checkpoint import load_model_dir
-    from recsys_pretrain.tracking import download_artifacts, get_alias_version, run_metrics
+    from recsys_pretrain.index import resolve_model_dir
+    from recsys_pretrain.tracking import get_alias_version, run_metrics
     from recsys_pretrain.train.pretrain import evaluate, load_prepared
 
     champ = get_alias_version(model_name, "champion", tracking_uri)
     if champ is None:
         return None, "no champion"
-    model_dir = download_artifacts(champ["run_id"], "model_dir", tracking_uri)
+    model_dir = resolve_model_dir(champ["run_id"], tracking_uri, cache_dir=_model_cache(cfg))
     net, meta, vocab = load_model_dir(model_dir)
     data = load_prepared(prepared)
     metric = cfg.flow.gates.metric.split("/", 1)[-1]
@@ -222,7 +229,7 @@ def publish_index_step(cfg: RunConfig, tracking_uri: str, parent_run_id: str | N
     source = f"models:/{name}@champion"
     out = root(cfg) / "serving" / f"{name}-v{champ['version']}"
     res = build_model_index(source, out, cfg.index, tracker=MLflowTracker(tracking_uri), tracking_uri=tracking_uri,
-                            cache_dir=root(cfg) / "serving" / "models", parent_run_id=parent_run_id)
+                            cache_dir=_model_cache(cfg), parent_run_id=parent_run_id)
     current = {"model": source, "version": champ["version"], "run_id": champ["run_id"], "path": str(out),
                "recall_at_10": res.meta["recall"].get("recall_at_10"), "index_run_id": res.run_id}
     write_json(root(cfg) / "serving" / "current.json", current)
