@@ -200,6 +200,16 @@ def _model_tracking_uri(model: str | None, cfg: RunConfig) -> str | None:
     return resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir)
 
 
+def _serve_tracking_uri(scfg, cfg: RunConfig) -> str | None:
+    """The MLflow store for `recommend` / `serve`: needed unless the model is a local directory and no
+    re-ranker is asked for. A pointer file may name an MLflow model after the next nightly run, whatever
+    it names now, so it always gets the store."""
+    from recsys_pretrain.serve import sources
+
+    model = None if (scfg.index or "").endswith(".json") or scfg.reranker else sources(scfg)[0]
+    return _model_tracking_uri(model, cfg)
+
+
 def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     from recsys_pretrain.index import build_model_index
 
@@ -226,15 +236,11 @@ def _serve_config(args: argparse.Namespace, cfg: RunConfig):
 
 
 def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
-    from recsys_pretrain.serve import load_recommender, sources
+    from recsys_pretrain.serve import load_recommender
 
     cfg, _ = _config(args, extra, "serve")
     scfg = _serve_config(args, cfg)
-    model = None if (scfg.index or "").endswith(".json") else sources(scfg)[0]
-    tracking_uri = _model_tracking_uri(model, cfg)
-    if scfg.reranker and tracking_uri is None:
-        tracking_uri = _model_tracking_uri(None, cfg)
-    rec = load_recommender(scfg, tracking_uri)
+    rec = load_recommender(scfg, _serve_tracking_uri(scfg, cfg))
     if args.user:
         label, queries = "user", args.user
         answers = rec.recommend(args.user, args.k, category=args.category)
@@ -261,13 +267,11 @@ def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
-    from recsys_pretrain.serve import serve, sources
+    from recsys_pretrain.serve import serve
 
     cfg, _ = _config(args, extra, "serve")
     scfg = _serve_config(args, cfg)
-    # A pointer file may name an MLflow model after the next nightly run, whatever it names now.
-    model = None if (scfg.index or "").endswith(".json") else sources(scfg)[0]
-    serve(scfg, tracking_uri=_model_tracking_uri(model, cfg))
+    serve(scfg, tracking_uri=_serve_tracking_uri(scfg, cfg))
     return 0
 
 
