@@ -32,6 +32,17 @@ RECIPES: dict[str, list[str]] = {
     "d128_lr1": ["dim=128", "n_heads=4", "last_item_prob=0.1", "train.lr=0.001"],
     "mask30_last20_lr2": ["mask_prob=0.3", "last_item_prob=0.2", "train.lr=0.002"],
 }
+# The chosen default recipe (128 d, mask 0.3, last-item 0.2, lr 2e-3) against changes to its first epochs.
+EARLY: dict[str, list[str]] = {
+    "default": [],
+    "unbucketed": ["length_buckets=false"],
+    "torch_init": ["init_std=null"],
+    "no_warmup": ["train.warmup_steps=0"],
+    "torch_init_no_warmup": ["init_std=null", "train.warmup_steps=0"],
+    "init_0.1": ["init_std=0.1"],
+    "no_warmup_lr4": ["train.warmup_steps=0", "train.lr=0.004"],
+}
+RECIPES.update({f"early_{k}": v for k, v in EARLY.items()})
 
 ONE = """
 import json, sys, time, torch
@@ -64,7 +75,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=1)
-    ap.add_argument("--recipes", nargs="*", default=list(RECIPES))
+    ap.add_argument("--recipes", nargs="*", default=[r for r in RECIPES if not r.startswith("early_")])
+    ap.add_argument("--minutes", type=float, default=0, help="wall-clock budget per recipe (0: none); the "
+                    "schedule still spans --epochs")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per recipe (0: PyTorch's default)")
     ap.add_argument("--out", default="benchmarks/results/bert4rec_sweep")
     args = ap.parse_args()
     out = Path(args.out)
@@ -78,7 +92,8 @@ def main() -> None:
             name = pending.pop(0)
             path = out.with_name(f"{out.name}-{name}.json")
             cmd = [sys.executable, "-c", ONE, args.data, args.device, str(args.epochs), str(args.eval_every),
-                   str(path), *RECIPES[name]]
+                   str(path), *RECIPES[name], f"train.threads={args.threads}",
+                   f"train.max_minutes={args.minutes or 'null'}"]
             running.append((name, subprocess.Popen(cmd, stderr=open(f"{path}.log", "w")), path))
         time.sleep(2)
         for item in list(running):

@@ -51,15 +51,15 @@ IMPLICIT = """
 import json, sys, time, numpy as np, scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 import implicit
-kind, matrix, out = sys.argv[1:4]
+kind, matrix, out, seed = sys.argv[1:5]
 X = sp.load_npz(matrix).tocsr()
 with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, single-threaded BLAS
     if kind == "als":
         m = implicit.cpu.als.AlternatingLeastSquares(factors=64, regularization=0.05, alpha=2.0, iterations=15,
-                                                     random_state=0)
+                                                     random_state=int(seed))
     else:
         m = implicit.cpu.bpr.BayesianPersonalizedRanking(factors=64, learning_rate=0.01, regularization=0.01,
-                                                         iterations=100, random_state=0)
+                                                         iterations=100, random_state=int(seed))
     t = time.perf_counter(); m.fit(X, show_progress=False); secs = time.perf_counter() - t
 np.save(out + "_users.npy", m.user_factors); np.save(out + "_items.npy", m.item_factors)
 print(json.dumps({"seconds": secs, "version": implicit.__version__}))
@@ -91,12 +91,27 @@ def eval_factors(data, users: np.ndarray, items: np.ndarray, stage: str) -> dict
                            history_matrix(data.histories(stage), data.n_items), data.n_items)
 
 
-def run_implicit(kind: str, data) -> dict:
+SEEDS = (0, 1, 2)  # the fast models run once per seed; the table gives the mean and the spread
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """The first seed's run, with test metrics and fit time averaged over all of them (and their std)."""
+    out = dict(runs[0])
+    if any("test" not in r for r in runs):
+        return out
+    out["test"] = {k: float(np.mean([r["test"][k] for r in runs])) for k in runs[0]["test"]}
+    out["test_std"] = {k: float(np.std([r["test"][k] for r in runs])) for k in runs[0]["test"]}
+    out["fit_seconds"] = float(np.mean([r["fit_seconds"] for r in runs]))
+    out["seeds"] = [{"test_ndcg_at_10": r["test"]["ndcg_at_10"], "fit_seconds": r["fit_seconds"]} for r in runs]
+    return out
+
+
+def run_implicit(kind: str, data, seed: int = 0) -> dict:
     if not BENCH_PY.exists():
         return {"skipped": f"{BENCH_PY} missing: python -m venv .venv-bench && .venv-bench/bin/pip install implicit"}
     path = WORK / "train_binary.npz"
     sp.save_npz(path, binary(data))
-    out = subprocess.run([str(BENCH_PY), "-c", IMPLICIT, kind, str(path), str(WORK / kind)],
+    out = subprocess.run([str(BENCH_PY), "-c", IMPLICIT, kind, str(path), str(WORK / kind), str(seed)],
                          capture_output=True, text=True)
     if out.returncode:
         return {"failed": out.stderr[-2000:]}
@@ -154,20 +169,22 @@ def run_ease(data) -> dict:
     return best
 
 
-def run_ours(prep: Path, model: str, overrides: list[str], minutes: float | None) -> dict:
+def run_ours(prep: Path, model: str, overrides: list[str], minutes: float | None, tag: str = "") -> dict:
     cfg = load_config(None, [f"pretrain.{model}.{o}" for o in overrides] +
                       [f"pretrain.model={model}", f"pretrain.{model}.train.progress=false"]).pretrain
     if minutes is not None:
         mcfg = getattr(cfg, model)
         cfg = dataclasses.replace(cfg, **{model: dataclasses.replace(
             mcfg, train=dataclasses.replace(mcfg.train, max_minutes=minutes))})
-    out = WORK / f"run-{model}"
+    out = WORK / f"run-{model}{tag}"
     shutil.rmtree(out, ignore_errors=True)
     marks: dict = {}
 
     def snapshot(epoch: int, row: dict) -> None:
         # Keep the best-on-validation weights as they stood at each mark, to test them afterwards.
         for m in (12.0, 30.0):
+            if minutes and m >= minutes:
+                continue
             if row["elapsed_s"] >= m * 60 and m not in marks and (out / "checkpoints" / "best.pt").exists():
                 shutil.copy(out / "checkpoints" / "best.pt", out / f"best_at_{m:.0f}min.pt")
                 marks[m] = {"epoch": epoch, "elapsed_min": row["elapsed_s"] / 60}
@@ -186,6 +203,10 @@ def run_ours(prep: Path, model: str, overrides: list[str], minutes: float | None
             "epochs": res.fit.epochs_run, "best_epoch": res.fit.best_epoch, "stopped": res.fit.stopped,
             "valid": res.valid, "test": res.test, "curve_minutes_val_ndcg": curve,
             "marks": {f"{m:.0f} min": v for m, v in marks.items()}}
+
+
+def bert4rec_label(minutes: float) -> str:
+    return f"ours: bert4rec, {minutes:g}-min budget"
 
 
 def plot(curves: dict[str, list], path: Path) -> None:
@@ -218,11 +239,16 @@ def markdown(res: dict) -> str:
         if "test" not in r:
             rows.append(f"| {name} | - | - | - | {r.get('skipped') or 'failed'} |")
             continue
-        t = r["test"]
+        t, sd = r["test"], r.get("test_std")
         secs = r.get("fit_seconds")
-        rows.append(f"| {name} | {t['hr_at_10']:.4f} | {t['ndcg_at_10']:.4f} | "
-                    f"{'-' if secs is None else f'{secs:,.1f} s'} | {r.get('note', '')} |")
-    b = res["models"].get("ours: bert4rec", {})
+        pm = (lambda k: f" ± {sd[k]:.4f}") if sd and len(r.get("seeds", [])) > 1 else (lambda k: "")
+        n_seeds = len(r.get("seeds", []))
+        note = r.get("note", "") + (f"{'; ' if r.get('note') else ''}mean ± std over {n_seeds} seeds"
+                                    if n_seeds > 1 else "")
+        rows.append(f"| {name} | {t['hr_at_10']:.4f}{pm('hr_at_10')} | {t['ndcg_at_10']:.4f}{pm('ndcg_at_10')} | "
+                    f"{'-' if secs is None else f'{secs:,.1f} s'} | {note} |")
+    ours = [r for n, r in res["models"].items() if n.startswith("ours: bert4rec")]
+    b = max(ours, key=lambda r: r.get("budget_minutes", 0), default={})  # the longest run's curve
     lines = [
         "# ML-1M pretraining: full-ranking leave-last-out, side by side",
         "",
@@ -236,7 +262,8 @@ def markdown(res: dict) -> str:
         "",
     ]
     if "curve_minutes_val_ndcg" in b:
-        lines += ["## BERT4Rec: validation NDCG@10 against wall-clock minutes", "",
+        lines += [f"## BERT4Rec: validation NDCG@10 against wall-clock minutes ({b.get('budget_minutes', 0):g}-min run)",
+                  "",
                   f"![curve]({res.get('name', 'pretrain_ml1m')}_curve.png)", "",
                   "| minutes | " + " | ".join(f"{m:.1f}" for m, _ in b["curve_minutes_val_ndcg"]) + " |",
                   "|---|" + "---:|" * len(b["curve_minutes_val_ndcg"]),
@@ -265,8 +292,11 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bert4rec-minutes", type=float, default=60.0)
-    ap.add_argument("--bert4rec", nargs="*", default=[], help="overrides, e.g. dim=64 train.lr=0.001")
+    ap.add_argument("--bert4rec-minutes", type=float, nargs="+", default=[12.0, 60.0],
+                    help="one training per budget; the learning-rate schedule fits each budget")
+    ap.add_argument("--bert4rec", nargs="*", default=["train.epochs=1000"],
+                    help="overrides, e.g. dim=64 train.lr=0.001 (default: the budget, not an epoch count, "
+                         "ends training)")
     ap.add_argument("--rectools-minutes", type=float, default=15.0, help="budget of each RecTools Transformer")
     ap.add_argument("--skip", nargs="*", default=[], help="any of: peers mf bert4rec rectools")
     ap.add_argument("--name", default="pretrain_ml1m", help="results name (benchmarks/results/NAME.{md,json})")
@@ -285,11 +315,13 @@ def main() -> None:
         res["models"]["EASE"] = run_ease(data)
         res["models"]["EASE"]["note"] = f"lambda {res['models']['EASE']['lambda']:.0f} (on validation)"
         for kind in ("als", "bpr"):
-            res["models"][f"implicit {kind.upper()}"] = run_implicit(kind, data)
+            seeds = SEEDS if kind == "als" else SEEDS[:1]
+            res["models"][f"implicit {kind.upper()}"] = over_seeds([run_implicit(kind, data, s) for s in seeds])
             save()
     if "mf" not in args.skip:
-        res["models"]["ours: mf"] = run_ours(prep, "mf", [], None)
-        res["models"]["ours: mf"]["note"] = "softmax loss, 64 d"
+        r = over_seeds([run_ours(prep, "mf", [f"train.seed={s}"], None) for s in SEEDS])
+        r["note"] = f"softmax loss, {r['config']['dim']} d, {r['epochs']} epochs"
+        res["models"]["ours: mf"] = r
         save()
     if "rectools" not in args.skip:
         for kind, label in (("bert4rec", "RecTools BERT4Rec"), ("sasrec", "RecTools SASRec")):
@@ -301,12 +333,14 @@ def main() -> None:
                              f"best epoch {r['best_epoch']}; RecTools {r['version']}")
             res["models"][label] = r
             save()
-    if "bert4rec" not in args.skip:
-        r = run_ours(prep, "bert4rec", args.bert4rec, args.bert4rec_minutes)
+    for minutes in ([] if "bert4rec" in args.skip else args.bert4rec_minutes):
+        r = run_ours(prep, "bert4rec", args.bert4rec, minutes, tag=f"-{minutes:g}min")
         c = r["config"]
+        r["budget_minutes"] = minutes
         r["note"] = (f"{c['dim']} d, {c['n_layers']} layers, length {c['max_len']}, mask {c['mask_prob']}, "
-                     f"last-item {c['last_item_prob']}, lr {c['train']['lr']}; stopped: {r['stopped']}")
-        res["models"]["ours: bert4rec"] = r
+                     f"last-item {c['last_item_prob']}, lr {c['train']['lr']}; {r['epochs']} epochs, best "
+                     f"{r['best_epoch']}; stopped: {r['stopped']}")
+        res["models"][bert4rec_label(minutes)] = r
         save()
     curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items() if r.get("curve_minutes_val_ndcg")}
     if curves:

@@ -169,3 +169,65 @@ def test_budget_stops_training(tmp_path):
     res = fit(model, SequenceTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
               lambda m: evaluate(m, data, "valid"))
     assert res.stopped == "budget" and res.epochs_run < 1000 and res.best_metrics
+
+
+def test_budget_horizon_decays_the_learning_rate_within_the_budget():
+    data = _chain_data(n_users=30)
+    lrs = {}
+    for horizon in (True, False):
+        tcfg = TrainConfig(epochs=100_000, batch_size=8, lr=1e-2, warmup_steps=0, max_minutes=0.05, patience=10**6,
+                           eval_every=2, budget_horizon=horizon, progress=False)
+        torch.manual_seed(0)
+        res = fit(BERT4Rec(data.n_items, TINY_B4R), SequenceTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
+                  lambda m: evaluate(m, data, "valid"))
+        assert res.stopped == "budget" and res.epochs_run >= 3
+        lrs[horizon] = res.history[-1]["lr"]
+    assert lrs[True] < 0.3 * 1e-2  # decayed over the epochs the budget fits
+    assert lrs[False] > 0.99 * 1e-2  # a 100,000-epoch cosine has hardly begun
+
+
+def _varied_lengths(n=200, n_items=40, seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, n_items + 1, size=int(k)) for k in rng.integers(1, 30, size=n)]
+
+
+def test_length_buckets_cover_every_sequence_once_and_trim_padding():
+    seqs = _varied_lengths()
+    cfg = dataclasses.replace(TINY_B4R, max_len=20, length_buckets=True)
+    task = SequenceTask(seqs, cfg, n_items=40, batch_size=16)
+    task.BUCKET_POOL = 4  # several pools
+    order = task._order(torch.Generator().manual_seed(0))
+    assert sorted(np.concatenate(order).tolist()) == list(range(len(seqs)))
+    widths, spans = [], []
+    for batch in task.batches(torch.Generator().manual_seed(0)):
+        real = (batch["inputs"] != 0).sum(1)
+        widths.append(batch["inputs"].shape[1])
+        assert batch["inputs"].shape[1] == real.max() <= 20  # padded to its own longest sequence only
+        spans.append(int(real.max() - real.min()))
+    flat = SequenceTask(seqs, dataclasses.replace(cfg, length_buckets=False), n_items=40, batch_size=16)
+    flat_spans = [int((b["inputs"] != 0).sum(1).max() - (b["inputs"] != 0).sum(1).min())
+                  for b in flat.batches(torch.Generator().manual_seed(0))]
+    assert np.mean(spans) < 0.5 * np.mean(flat_spans)  # similar lengths share a batch
+
+
+def test_trimmed_queries_score_like_full_width_ones():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY_B4R, max_len=30)
+    model = BERT4Rec(40, cfg).eval()
+    hist = [s[:12] for s in _varied_lengths(n=8)]
+    q = query_inputs(hist, model)
+    assert q.shape[1] == max(len(h) for h in hist) + 1 < cfg.max_len
+    full = torch.cat([torch.zeros(len(hist), cfg.max_len - q.shape[1], dtype=q.dtype), q], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(q)[0], model(full)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("std", [None, 0.1])
+def test_initialisation_choices(std):
+    model = BERT4Rec(40, dataclasses.replace(TINY_B4R, init_std=std))
+    assert torch.all(model.item.weight[0] == 0)  # padding row
+    w = model.blocks[0].qkv.weight
+    if std is not None:
+        assert w.abs().max() <= 2 * std and abs(w.std().item() - std) < 0.3 * std
+    else:  # PyTorch's default for Linear: uniform within 1/sqrt(fan_in)
+        assert w.abs().max() <= 1 / w.shape[1] ** 0.5

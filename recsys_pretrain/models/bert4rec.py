@@ -52,14 +52,18 @@ class BERT4Rec(nn.Module):
         )
         self.ln = nn.LayerNorm(cfg.dim)
         self.bias = nn.Parameter(torch.zeros(n_items + 2))
-        self.apply(self._init)
+        if cfg.init_std is not None:
+            self.apply(self._init)
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
+    def _init(self, m: nn.Module) -> None:
+        std = self.cfg.init_std
         if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.trunc_normal_(m.weight, std=0.02, a=-0.04, b=0.04)
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+            with torch.no_grad():
+                m.weight[m.padding_idx].zero_()
 
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """(B, T) left-padded item indices (T <= max_len) -> (B, T, d) contextual vectors."""

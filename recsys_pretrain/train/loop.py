@@ -48,13 +48,17 @@ class FitResult:
     best_checkpoint: Path | None = None
 
 
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+def lr_lambda(cfg: TrainConfig, total_steps: int | Callable[[], int]) -> Callable[[int], float]:
+    """The learning-rate factor at a step: linear warm-up, then `cfg.schedule` over `total_steps` (a number,
+    or a function giving the current horizon when it can move, as under a wall-clock budget)."""
+
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        total = total_steps() if callable(total_steps) else total_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
         if cfg.schedule == "linear":
             return max(0.0, 1.0 - progress)
         if cfg.schedule == "cosine":
@@ -92,10 +96,12 @@ def fit(
     device = next(model.parameters()).device  # batches follow the model (CPU here; a GPU if it was moved)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = cfg.epochs * task.n_batches()
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
     state = {"epoch": 0, "best": -1.0, "best_epoch": 0, "best_metrics": {}, "bad_evals": 0, "elapsed": 0.0,
-             "history": []}
+             "history": [], "horizon": cfg.epochs}
+    # The schedule's horizon in epochs: `epochs`, or under a wall-clock budget (with `budget_horizon`) the
+    # epochs the budget is measured to fit, so that the decay ends when the budget does. Kept in the
+    # checkpoint, so a resumed run follows the same schedule.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: state["horizon"] * task.n_batches()))
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     best_path = checkpoint_dir / "best.pt" if checkpoint_dir else None
     if last is not None and last.exists():
@@ -103,7 +109,7 @@ def fit(
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        state = ckpt["state"]
+        state = {"horizon": cfg.epochs, **ckpt["state"]}
         log.info("resumed from %s at epoch %d", last, state["epoch"])
     best_state = (
         torch.load(best_path, weights_only=True, map_location=device)["model"] if best_path is not None and best_path.exists() else None
@@ -152,6 +158,8 @@ def fit(
                 state["bad_evals"] += 1
         state["elapsed"] += time.perf_counter() - t0
         row["elapsed_s"] = state["elapsed"]
+        if cfg.budget_horizon and budget < math.inf:  # cost per epoch so far, validation included
+            state["horizon"] = max(epoch + 1, min(cfg.epochs, int(budget / (state["elapsed"] / epoch))))
         state["history"].append(row)
         state["epoch"] = epoch
         if out_of_time or state["elapsed"] > budget:

@@ -148,8 +148,11 @@ class MFBPRTask:
 class SequenceTask:
     """Batches of masked training sequences for BERT4Rec (masking happens here, in collate)."""
 
+    BUCKET_POOL = 64  # batches per length-sorted pool
+
     def __init__(self, seqs: list[np.ndarray], cfg: BERT4RecConfig, n_items: int, batch_size: int):
         self.seqs = [s for s in seqs if len(s) > 0]
+        self.lengths = np.fromiter((min(len(s), cfg.max_len) for s in self.seqs), dtype=np.int64, count=len(self.seqs))
         self.cfg, self.n_items, self.batch_size = cfg, n_items, batch_size
         counts = np.bincount(np.concatenate(self.seqs), minlength=n_items + 1)[1:].astype(np.float64)
         q = (counts + 1.0) ** 0.75  # popularity-smoothed sampling for sampled softmax
@@ -165,11 +168,26 @@ class SequenceTask:
         end = int(torch.randint(T, len(s) + 1, (1,), generator=generator))  # a random slice of a long history
         return s[end - T : end]
 
-    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+    def _order(self, generator: torch.Generator) -> list[np.ndarray]:
+        """This epoch's batches of sequence indices. With `length_buckets`, a shuffled pool of up to
+        BUCKET_POOL batches is sorted by length before it is cut, and the batches are shuffled again:
+        each batch is padded only to its own longest sequence, so short histories cost little."""
         order = torch.randperm(len(self.seqs), generator=generator).numpy()
-        for i in range(0, len(order), self.batch_size):
-            rows = [self._window(self.seqs[j], generator) for j in order[i : i + self.batch_size]]
-            seqs = torch.from_numpy(left_pad(rows, self.cfg.max_len))
+        bs = self.batch_size
+        if not self.cfg.length_buckets:
+            return [order[i : i + bs] for i in range(0, len(order), bs)]
+        pool = bs * self.BUCKET_POOL
+        out = []
+        for p in range(0, len(order), pool):
+            chunk = order[p : p + pool]
+            chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]  # ties keep the random order
+            out += [chunk[i : i + bs] for i in range(0, len(chunk), bs)]
+        return [out[k] for k in torch.randperm(len(out), generator=generator).tolist()]
+
+    def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        for idx in self._order(generator):
+            rows = [self._window(self.seqs[j], generator) for j in idx]
+            seqs = torch.from_numpy(left_pad(rows, max(len(r) for r in rows)))  # (B, T <= max_len)
             inputs, labels = mask_items(seqs, self.cfg.mask_prob, self.n_items + 1, generator, self.cfg.last_item_prob)
             batch = {"inputs": inputs, "labels": labels}
             if self.cfg.negatives:
@@ -193,8 +211,10 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def query_inputs(histories: list[np.ndarray], model: nn.Module) -> torch.Tensor:
-    """(b, max_len) model inputs: the newest max_len - 1 items of each history, then [MASK]."""
-    return append_mask(torch.from_numpy(left_pad(histories, model.cfg.max_len)), model.mask_token)
+    """(b, T) model inputs: the newest T - 1 items of each history, then [MASK]; T = max_len, or less when
+    every history is shorter (the columns left out would be padding only, which attention ignores)."""
+    width = min(model.cfg.max_len, max((len(h) for h in histories), default=0) + 1)
+    return append_mask(torch.from_numpy(left_pad(histories, width)), model.mask_token)
 
 
 def evaluate(model: nn.Module, data: PreparedData, stage: str, batch_size: int = 512) -> dict[str, float]:
