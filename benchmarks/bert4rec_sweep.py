@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--recipes", nargs="*", default=[r for r in RECIPES if not r.startswith("early_")])
-    ap.add_argument("--minutes", type=float, default=0, help="wall-clock budget per recipe (0: none); the "
-                    "schedule still spans --epochs")
+    ap.add_argument("--minutes", type=float, default=0, help="wall-clock budget per recipe (0: none); under "
+                    "a budget the schedule decays over the epochs the budget fits (train.budget_horizon)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per recipe (0: PyTorch's default)")
     ap.add_argument("--out", default="benchmarks/results/bert4rec_sweep")
     ap.add_argument("--time-epochs", type=int, default=0,

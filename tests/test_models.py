@@ -186,6 +186,40 @@ def test_budget_horizon_decays_the_learning_rate_within_the_budget():
     assert lrs[False] > 0.99 * 1e-2  # a 100,000-epoch cosine has hardly begun
 
 
+def test_killed_run_under_a_budget_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """The budget's schedule horizon is kept in the checkpoint: a resumed run follows the same schedule.
+    A fake clock (one second per reading) makes the budget's arithmetic the same in both runs."""
+    import recsys_pretrain.train.loop as loop
+
+    data = _chain_data(n_users=30)
+    tcfg = TrainConfig(epochs=1000, batch_size=8, lr=3e-3, warmup_steps=0, patience=100, progress=False,
+                       max_minutes=2.0)
+
+    def run(ckpt, kill_after=None):
+        clock = iter(range(10**9))
+        monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(clock)))
+        torch.manual_seed(0)
+        model = BERT4Rec(data.n_items, TINY_B4R)
+
+        def on_epoch(epoch, row):
+            if kill_after is not None and epoch == kill_after:
+                raise KeyboardInterrupt
+
+        res = fit(model, SequenceTask(data.train_seqs, TINY_B4R, data.n_items, tcfg.batch_size), tcfg,
+                  lambda m: evaluate(m, data, "valid"), checkpoint_dir=ckpt, on_epoch=on_epoch)
+        return model, res
+
+    straight, res = run(tmp_path / "a")
+    assert res.stopped == "budget" and 3 <= res.epochs_run < 1000 and res.history[-1]["lr"] < 0.3 * tcfg.lr
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", kill_after=2)
+    resumed, res_b = run(tmp_path / "b")
+    assert res_b.epochs_run == res.epochs_run
+    assert [h["lr"] for h in res_b.history] == [h["lr"] for h in res.history]
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def _varied_lengths(n=200, n_items=40, seed=0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(1, n_items + 1, size=int(k)) for k in rng.integers(1, 30, size=n)]
@@ -198,6 +232,8 @@ def test_length_buckets_cover_every_sequence_once_and_trim_padding():
     task.BUCKET_POOL = 4  # several pools
     order = task._order(torch.Generator().manual_seed(0))
     assert sorted(np.concatenate(order).tolist()) == list(range(len(seqs)))
+    again = task._order(torch.Generator().manual_seed(0))
+    assert all(np.array_equal(a, b) for a, b in zip(order, again, strict=True))  # a pure function of the seed
     widths, spans = [], []
     for batch in task.batches(torch.Generator().manual_seed(0)):
         real = (batch["inputs"] != 0).sum(1)
