@@ -41,6 +41,9 @@ EARLY: dict[str, list[str]] = {
     "torch_init_no_warmup": ["init_std=null", "train.warmup_steps=0"],
     "init_0.1": ["init_std=0.1"],
     "no_warmup_lr4": ["train.warmup_steps=0", "train.lr=0.004"],
+    # learning per epoch on a fixed schedule (--epochs), stopped by --minutes
+    "token_weighted_fixed": ["token_weighted=true", "train.budget_horizon=false"],
+    "lr4_no_warmup_fixed": ["train.lr=0.004", "train.warmup_steps=0", "train.budget_horizon=false"],
 }
 RECIPES.update({f"early_{k}": v for k, v in EARLY.items()})
 

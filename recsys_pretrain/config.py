@@ -113,6 +113,7 @@ class BERT4RecConfig:
     negatives: int = 0  # 0 = full softmax; K > 0 = sampled softmax with K popularity-sampled negatives
     init_std: float | None = 0.02  # truncated-normal std of embeddings and linear layers; None = PyTorch's own
     length_buckets: bool = True  # batch sequences of similar length together (less padding to compute)
+    token_weighted: bool = False  # weigh each batch's loss by its masked items, so each item counts alike
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(epochs=50, batch_size=128, lr=2e-3, weight_decay=0.01,
                                             warmup_steps=200, patience=6, eval_every=3)

@@ -246,6 +246,21 @@ def test_length_buckets_cover_every_sequence_once_and_trim_padding():
     assert np.mean(spans) < 0.5 * np.mean(flat_spans)  # similar lengths share a batch
 
 
+def test_token_weighting_makes_every_masked_item_count_alike():
+    seqs = _varied_lengths()
+    cfg = dataclasses.replace(TINY_B4R, max_len=20, token_weighted=True)
+    batches = list(SequenceTask(seqs, cfg, n_items=40, batch_size=16).batches(torch.Generator().manual_seed(0)))
+    counts = torch.tensor([float((b["labels"] != 0).sum()) for b in batches])
+    scales = torch.stack([b["loss_scale"] for b in batches])
+    torch.testing.assert_close(scales, counts / counts.mean())  # mean loss x scale = sum loss / mean count
+    assert scales.min() < 0.7 < 1.3 < scales.max()  # short and long batches really differ
+    model = BERT4Rec(40, cfg)
+    b = batches[0]
+    _, scaled = model(**b)
+    _, plain = model(b["inputs"], b["labels"])
+    torch.testing.assert_close(scaled, plain * b["loss_scale"])
+
+
 def test_trimmed_queries_score_like_full_width_ones():
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY_B4R, max_len=30)

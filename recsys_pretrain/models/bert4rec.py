@@ -77,26 +77,27 @@ class BERT4Rec(nn.Module):
 
     def forward(
         self, inputs: torch.Tensor, labels: torch.Tensor | None = None, negatives: torch.Tensor | None = None,
-        neg_logq: torch.Tensor | None = None,
+        neg_logq: torch.Tensor | None = None, loss_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs, labels (B, T); labels hold the item at masked positions and 0 elsewhere.
-        Returns (logits at the masked positions, loss). Full softmax over the catalogue by default;
-        with `negatives` (K,) shared sampled items and their log sampling probabilities, sampled softmax
-        with logQ correction."""
+        Returns (logits at the masked positions, loss): the mean over masked positions, times `loss_scale`
+        if given. Full softmax over the catalogue by default; with `negatives` (K,) shared sampled items and
+        their log sampling probabilities, sampled softmax with logQ correction."""
         h = self.encode(inputs)  # (B, T, d)
         if labels is None:
             return self._logits(h[:, -1]), None
         sel = labels != 0
         h, y = h[sel], labels[sel]  # (N, d), (N,)
+        scale = 1.0 if loss_scale is None else loss_scale
         if negatives is None:
             logits = self._logits(h)  # (N, n_items) over items 1..n
-            return logits, F.cross_entropy(logits, y - 1)
+            return logits, F.cross_entropy(logits, y - 1) * scale
         # Sampled softmax: the true item against K shared negatives, each logit corrected by -log q.
         pos_logit = (h * self.item(y)).sum(-1) + self.bias[y]  # (N,)
         neg_logit = h @ self.item(negatives).T + self.bias[negatives] - neg_logq  # (N, K)
         neg_logit = neg_logit.masked_fill(negatives[None, :] == y[:, None], float("-inf"))  # no false negatives
         logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # (N, 1 + K)
-        return logits, F.cross_entropy(logits, torch.zeros_like(y))
+        return logits, F.cross_entropy(logits, torch.zeros_like(y)) * scale
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return h @ self.item.weight[1 : self.n_items + 1].T + self.bias[1 : self.n_items + 1]

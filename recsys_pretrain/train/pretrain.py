@@ -185,16 +185,28 @@ class SequenceTask:
         return [out[k] for k in torch.randperm(len(out), generator=generator).tolist()]
 
     def batches(self, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
-        for idx in self._order(generator):
-            rows = [self._window(self.seqs[j], generator) for j in idx]
-            seqs = torch.from_numpy(left_pad(rows, max(len(r) for r in rows)))  # (B, T <= max_len)
-            inputs, labels = mask_items(seqs, self.cfg.mask_prob, self.n_items + 1, generator, self.cfg.last_item_prob)
-            batch = {"inputs": inputs, "labels": labels}
-            if self.cfg.negatives:
-                neg = torch.multinomial(self.q, self.cfg.negatives, replacement=True, generator=generator)
-                batch["negatives"] = neg + 1
-                batch["neg_logq"] = torch.log(self.q[neg]).float()
-            yield batch
+        batches = map(lambda idx: self._batch(idx, generator), self._order(generator))
+        if not self.cfg.token_weighted:
+            yield from batches
+            return
+        # Every masked item of the epoch weighs alike, however the batches were cut: a batch's mean loss
+        # is scaled by its masked items over the epoch's mean per batch (the epoch is masked up front).
+        batches = list(batches)
+        counts = [int((b["labels"] != 0).sum()) for b in batches]
+        mean = sum(counts) / len(counts)
+        for b, c in zip(batches, counts, strict=True):
+            yield {**b, "loss_scale": torch.tensor(c / mean)}
+
+    def _batch(self, idx: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        rows = [self._window(self.seqs[j], generator) for j in idx]
+        seqs = torch.from_numpy(left_pad(rows, max(len(r) for r in rows)))  # (B, T <= max_len)
+        inputs, labels = mask_items(seqs, self.cfg.mask_prob, self.n_items + 1, generator, self.cfg.last_item_prob)
+        batch = {"inputs": inputs, "labels": labels}
+        if self.cfg.negatives:
+            neg = torch.multinomial(self.q, self.cfg.negatives, replacement=True, generator=generator)
+            batch["negatives"] = neg + 1
+            batch["neg_logq"] = torch.log(self.q[neg]).float()
+        return batch
 
 
 # ---- scoring ----------------------------------------------------------------------------------------------
