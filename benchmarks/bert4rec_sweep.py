@@ -35,15 +35,15 @@ RECIPES: dict[str, list[str]] = {
 # The chosen default recipe (128 d, mask 0.3, last-item 0.2, lr 2e-3) against changes to its first epochs.
 EARLY: dict[str, list[str]] = {
     "default": [],
-    "unbucketed": ["length_buckets=false"],
+    "unbucketed": ["length_buckets=false", "train.budget_horizon=true"],
     "torch_init": ["init_std=null"],
-    "no_warmup": ["train.warmup_steps=0"],
+    "no_warmup": ["train.warmup_steps=0", "train.budget_horizon=true"],
     "torch_init_no_warmup": ["init_std=null", "train.warmup_steps=0"],
     "init_0.1": ["init_std=0.1"],
-    "no_warmup_lr4": ["train.warmup_steps=0", "train.lr=0.004"],
+    "no_warmup_lr4": ["train.warmup_steps=0", "train.lr=0.004", "train.budget_horizon=true"],
     # learning per epoch on a fixed schedule (--epochs), stopped by --minutes
-    "token_weighted_fixed": ["token_weighted=true", "train.budget_horizon=false"],
-    "lr4_no_warmup_fixed": ["train.lr=0.004", "train.warmup_steps=0", "train.budget_horizon=false"],
+    "token_weighted_fixed": ["token_weighted=true"],
+    "lr4_no_warmup_fixed": ["train.lr=0.004", "train.warmup_steps=0"],
 }
 RECIPES.update({f"early_{k}": v for k, v in EARLY.items()})
 
@@ -121,8 +121,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=2)
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--recipes", nargs="*", default=[r for r in RECIPES if not r.startswith("early_")])
-    ap.add_argument("--minutes", type=float, default=0, help="wall-clock budget per recipe (0: none); under "
-                    "a budget the schedule decays over the epochs the budget fits (train.budget_horizon)")
+    ap.add_argument("--minutes", type=float, default=0, help="wall-clock budget per recipe (0: none); the "
+                    "schedule spans --epochs unless a recipe sets train.budget_horizon=true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per recipe (0: PyTorch's default)")
     ap.add_argument("--out", default="benchmarks/results/bert4rec_sweep")
     ap.add_argument("--time-epochs", type=int, default=0,

@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", choices=["mf", "bert4rec"], required=True)
     s.add_argument("--data", required=True, help="a prepared directory")
     s.add_argument("--out", help="output directory (checkpoints/, model/)")
-    s.add_argument("--max-minutes", type=float, help="training budget")
+    s.add_argument("--max-minutes", type=float,
+                   help="training budget; the schedule spans the model's train.epochs (with "
+                        "bert4rec.train.budget_horizon=true, the epochs the budget fits)")
     s.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
     s.set_defaults(func=cmd_pretrain)
 

@@ -193,7 +193,7 @@ def test_killed_run_under_a_budget_resumes_to_the_same_weights(tmp_path, monkeyp
 
     data = _chain_data(n_users=30)
     tcfg = TrainConfig(epochs=1000, batch_size=8, lr=3e-3, warmup_steps=0, patience=100, progress=False,
-                       max_minutes=2.0)
+                       max_minutes=2.0, budget_horizon=True)
 
     def run(ckpt, kill_after=None):
         clock = iter(range(10**9))
