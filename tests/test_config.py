@@ -1,6 +1,6 @@
 import pytest
 
-from recsys_pretrain.config import ConfigError, flatten, load_config, to_dict
+from recsys_pretrain.config import ConfigError, MFConfig, TrainConfig, flatten, load_config, to_dict
 
 ROOT_CONFIGS = ["configs/default.yaml", "configs/tiny.yaml"]
 
@@ -40,5 +40,5 @@ def test_flatten_for_tracking():
 def test_nested_sections_merge_onto_their_defaults():
     cfg = load_config(None, ["pretrain.mf.train.lr=0.02", "pretrain.bert4rec.n_layers=3"])
     assert cfg.pretrain.mf.train.lr == 0.02
-    assert cfg.pretrain.mf.train.eval_every == 4  # MF's own default, not TrainConfig's (1)
+    assert cfg.pretrain.mf.train.eval_every == MFConfig().train.eval_every != TrainConfig().eval_every  # MF's own
     assert cfg.pretrain.bert4rec.n_layers == 3 and cfg.pretrain.bert4rec.dim == 128
