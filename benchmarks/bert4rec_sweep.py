@@ -72,31 +72,26 @@ json.dump({"overrides": over, "device": device, "history": res.history, "best_ep
 
 
 TIME_ONE = """
-import json, sys, time, torch
+import dataclasses, json, sys, time, torch
 from recsys_pretrain.config import load_config
 from recsys_pretrain.models import BERT4Rec
+from recsys_pretrain.train.loop import fit
 from recsys_pretrain.train.pretrain import SequenceTask, evaluate, load_prepared
 data_dir, epochs = sys.argv[1:3]
 cfg = load_config(None, [f"pretrain.bert4rec.{o}" for o in sys.argv[3:]]).pretrain.bert4rec
-if cfg.train.threads:
-    torch.set_num_threads(cfg.train.threads)
+tcfg = dataclasses.replace(cfg.train, epochs=int(epochs), eval_every=10**6, progress=False)  # validates once, at the end
 torch.manual_seed(0)
 data = load_prepared(data_dir)
-model = BERT4Rec(data.n_items, cfg)
-task = SequenceTask(data.train_seqs, cfg, data.n_items, cfg.train.batch_size)
-opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-model.train()
-t0 = time.perf_counter()
-for e in range(int(epochs)):
-    for batch in task.batches(torch.Generator().manual_seed(e)):
-        _, loss = model(**batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-train_s = (time.perf_counter() - t0) / int(epochs)
-t0 = time.perf_counter()
-evaluate(model, data, "valid", cfg.train.eval_batch_size)
-print(json.dumps({"train_epoch_s": train_s, "validation_s": time.perf_counter() - t0}))
+val_s = []
+
+def validate(m):
+    t0 = time.perf_counter()
+    out = evaluate(m, data, "valid", tcfg.eval_batch_size)
+    val_s.append(time.perf_counter() - t0)
+    return out
+
+res = fit(BERT4Rec(data.n_items, cfg), SequenceTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg, validate)
+print(json.dumps({"train_epoch_s": (res.train_seconds - sum(val_s)) / res.epochs_run, "validation_s": val_s[-1]}))
 """
 
 
