@@ -44,6 +44,10 @@ EARLY: dict[str, list[str]] = {
     # learning per epoch on a fixed schedule (--epochs), stopped by --minutes
     "token_weighted_fixed": ["token_weighted=true"],
     "lr4_no_warmup_fixed": ["train.lr=0.004", "train.warmup_steps=0"],
+    "b64_fixed": ["train.batch_size=64"],
+    "b32_fixed": ["train.batch_size=32"],
+    "b16_fixed": ["train.batch_size=16"],
+    "b32_lr1_fixed": ["train.batch_size=32", "train.lr=0.001"],
 }
 RECIPES.update({f"early_{k}": v for k, v in EARLY.items()})
 

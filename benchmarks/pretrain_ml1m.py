@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, DATASETS, RESULTS, ROOT, write_results  # noqa: E402
 
 from recsys_pretrain.checkpoint import build_model  # noqa: E402
-from recsys_pretrain.config import IngestConfig, PrepareConfig, load_config  # noqa: E402
+from recsys_pretrain.config import IngestConfig, MFConfig, PrepareConfig, load_config  # noqa: E402
 from recsys_pretrain.data.ingest import ingest  # noqa: E402
 from recsys_pretrain.data.prepare import prepare  # noqa: E402
 from recsys_pretrain.metrics import evaluate_scores  # noqa: E402
@@ -365,10 +365,13 @@ def main() -> None:
             res["models"][f"implicit {kind.upper()}"] = over_seeds([run_implicit(kind, data, s) for s in seeds])
             save()
     if "mf" not in args.skip:
-        r = over_seeds([run_ours(prep, "mf", [f"train.seed={s}"], None) for s in SEEDS])
-        r["note"] = f"softmax loss, {r['config']['dim']} d, {r['epochs']} epochs"
-        res["models"]["ours: mf"] = r
-        save()
+        default = MFConfig().loss
+        for loss in (default, *(x for x in ("svd", "softmax") if x != default)):
+            r = over_seeds([run_ours(prep, "mf", [f"loss={loss}", f"train.seed={s}"], None) for s in SEEDS])
+            r["note"] = (f"{loss}, {r['config']['dim']} d" +
+                         ("" if loss == "svd" else f", {r['epochs']} epochs") + ("" if loss != default else "; the default"))
+            res["models"]["ours: mf" if loss == default else f"ours: mf ({loss})"] = r
+            save()
     if "rectools" not in args.skip:
         for kind, label in (("bert4rec", "RecTools BERT4Rec"), ("sasrec", "RecTools SASRec")):
             r = run_rectools(kind, data, args.rectools_minutes)

@@ -90,7 +90,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MFConfig:
     dim: int = 64
-    loss: str = "softmax"  # softmax (multinomial over the catalogue) | bpr
+    # svd (PureSVD, closed form) | softmax (multinomial over the catalogue, by AdamW) | bpr. svd measured best
+    # on ML-1M validation (benchmarks/results/pretrain_ml1m.md); `train` applies to softmax and bpr only.
+    loss: str = "svd"
     init_std: float = 0.01
     # Chosen on ML-1M validation NDCG@10 (benchmarks/pretrain_ml1m.py): as good as 24 epochs at 5e-3, in 2/3 the time.
     train: TrainConfig = field(

@@ -126,6 +126,8 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
 
     if not cfg.flow.warm_start:
         return None, "from scratch: warm start is off"
+    if model == "mf" and cfg.pretrain.mf.loss == "svd":
+        return None, "from scratch: mf's svd solver is closed form (a second or so), nothing to warm-start"
     champ = get_alias_version(f"{cfg.flow.registry_prefix}-{model}", "champion", tracking_uri)
     if champ is None:
         return None, "from scratch: no champion to start from"

@@ -96,8 +96,9 @@ def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_
     assert arts and first["mlflow_run_id"] in arts[-1].data  # the Prefect artifact links the MLflow run
 
     # Night two, the same log: ingest is not run again (cached on the content hash). A deliberately
-    # worse mf (one epoch at a tiny learning rate) does not beat the champion on the same test set.
-    worse = [*overrides, "pretrain.mf.train.epochs=1", "pretrain.mf.train.lr=1e-6", "flow.models=[mf]",
+    # worse mf (one epoch of gradient descent at a tiny learning rate) does not beat the champion on the same test set.
+    worse = [*overrides, "pretrain.mf.loss=softmax", "pretrain.mf.train.epochs=1", "pretrain.mf.train.lr=1e-6",
+             "flow.models=[mf]",
              "flow.finetune=false", "flow.warm_start=false"]
     second = nightly(TINY, worse)
     assert calls["ingest"] == 2
@@ -117,7 +118,8 @@ def test_quality_gate_stops_a_night_that_looks_wrong(flow_env):
     assert small["models"] == {} and get_alias_version("recsys-mf", "champion", uri)["version"] == 1
 
     # The next good night warm-starts from the champion (night 1 trained from scratch: nothing to start from).
-    third = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false"])
+    # mf trained by gradient descent here: its default svd solver is closed form and never warm-starts.
+    third = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false", "pretrain.mf.loss=softmax"])
     assert third["models"]["mf"]["warm_start"] and third["models"]["mf"]["init"].startswith("warm start from champion v1")
     run = MlflowClient(uri).get_run(third["models"]["mf"]["run_id"])
     assert run.data.tags["init"] == "warm start" and run.data.params["warm_start.item_overlap"] == "1.0"

@@ -109,7 +109,8 @@ def test_bert4rec_learns_a_known_sequence_rule():
     assert before < 0.5 and after["mrr_at_10"] > 0.9
 
 
-def test_mf_ranks_the_held_out_item_of_the_users_block_first():
+@pytest.mark.parametrize("loss", ["softmax", "svd"])
+def test_mf_ranks_the_held_out_item_of_the_users_block_first(loss):
     # two blocks of users and items; each user saw all of their block but one item, different per user
     n_users, n_items = 40, 20
     rows, cols, held = [], [], []
@@ -127,12 +128,30 @@ def test_mf_ranks_the_held_out_item_of_the_users_block_first():
     data = PreparedData(name="blocks", path=None, vocab=vocab, meta={}, train_seqs=seqs,
                         valid=np.array(held), test=np.array(held), train_matrix=m)
     torch.manual_seed(0)
-    model = MODELS["mf"](n_users, n_items, MFConfig(dim=8))
-    tcfg = TrainConfig(epochs=60, batch_size=8, lr=3e-2, weight_decay=0.0, warmup_steps=0, patience=100,
-                       eval_every=20, progress=False)
-    fit(model, MFSoftmaxTask(m, tcfg.batch_size), tcfg, lambda mm: evaluate(mm, data, "valid"))
+    # svd: rank 2, one factor per block (a higher rank starts fitting each user's missing item as a zero)
+    model = MODELS["mf"](n_users, n_items, MFConfig(dim=2 if loss == "svd" else 8, loss=loss))
+    if loss == "svd":
+        model.fit_svd(m)
+    else:
+        tcfg = TrainConfig(epochs=60, batch_size=8, lr=3e-2, weight_decay=0.0, warmup_steps=0, patience=100,
+                           eval_every=20, progress=False)
+        fit(model, MFSoftmaxTask(m, tcfg.batch_size), tcfg, lambda mm: evaluate(mm, data, "valid"))
     res = evaluate(model, data, "valid")
     assert res["hr_at_10"] == 1.0 and res["mrr_at_10"] == 1.0  # rank 1 for every user
+
+
+def test_mf_svd_is_the_best_rank_k_approximation():
+    rng = np.random.default_rng(0)
+    x = (rng.random((12, 15)) < 0.3) * rng.integers(1, 4, (12, 15)).astype(np.float64)
+    x[:, 0] = 0.0  # column 0 is padding in a prepared matrix
+    model = MODELS["mf"](12, 14, MFConfig(dim=4, loss="svd"))
+    residual = model.fit_svd(sp.csr_matrix(x))
+    u, s, vt = np.linalg.svd(x[:, 1:])
+    best = (u[:, :4] * s[:4]) @ vt[:4]  # Eckart-Young: the best rank-4 approximation
+    with torch.no_grad():
+        got = model.user_embeddings(torch.arange(12)) @ model.item_embeddings().T
+    np.testing.assert_allclose(got.numpy(), best, atol=1e-5)
+    assert residual == pytest.approx(((x[:, 1:] - best) ** 2).sum() / (x**2).sum(), rel=1e-6)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):

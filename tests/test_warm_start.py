@@ -75,7 +75,7 @@ def test_refuses_another_model_or_architecture(tmp_path):
 
 
 def test_a_warm_started_run_starts_ahead_and_trains_a_share_of_the_epochs(tiny_prepared, tmp_path):
-    over = ["pretrain.model=mf", "pretrain.mf.dim=16", "pretrain.mf.train.epochs=8", "pretrain.mf.train.eval_every=1",
+    over = ["pretrain.model=mf", "pretrain.mf.loss=softmax", "pretrain.mf.dim=16", "pretrain.mf.train.epochs=8", "pretrain.mf.train.eval_every=1",
             "pretrain.mf.train.patience=8", "pretrain.warm_epoch_share=0.25"]
     cfg = load_config(None, over).pretrain
     scratch = pretrain(tiny_prepared["prepared"], cfg, tmp_path / "scratch")

@@ -24,6 +24,7 @@ from torch import nn
 
 from recsys_pretrain.checkpoint import build_model, save_model_dir, warm_start
 from recsys_pretrain.config import BERT4RecConfig, MFConfig, PretrainConfig, TrainConfig, flatten
+from recsys_pretrain.io import atomic_path
 from recsys_pretrain.masking import append_mask, mask_items
 from recsys_pretrain.metrics import evaluate_scores, popularity_scores
 from recsys_pretrain.train.loop import FitResult, fit
@@ -272,13 +273,33 @@ def model_config(cfg: PretrainConfig) -> MFConfig | BERT4RecConfig:
     return cfg.mf if cfg.model == "mf" else cfg.bert4rec
 
 
+def fit_svd(model: nn.Module, data: PreparedData, tcfg: TrainConfig, validate: Callable[[nn.Module], dict],
+            checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
+    """MF's closed-form solver, reported as a one-epoch fit: the loss is the relative squared residual."""
+    t0 = time.perf_counter()
+    residual = model.fit_svd(data.train_matrix, seed=tcfg.seed)
+    seconds = time.perf_counter() - t0
+    metrics = validate(model)
+    row = {"epoch": 1, "train_loss": residual, **{f"val_{k}": v for k, v in metrics.items()}, "elapsed_s": seconds}
+    best = checkpoint_dir / "best.pt"
+    best.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(best) as tmp:
+        torch.save({"model": model.state_dict(), "epoch": 1, "metrics": metrics}, tmp)
+    if on_epoch is not None:
+        on_epoch(1, row)
+    return FitResult(best_epoch=1, best_metrics=metrics, epochs_run=1, stopped="closed_form", train_seconds=seconds,
+                     history=[row], best_checkpoint=best)
+
+
 def make_task(name: str, mcfg, data: PreparedData, tcfg: TrainConfig):
     if name == "mf":
+        if mcfg.loss == "svd":
+            return None  # closed form: no batches (fit_svd)
         if mcfg.loss == "softmax":
             return MFSoftmaxTask(data.train_matrix, tcfg.batch_size)
         if mcfg.loss == "bpr":
             return MFBPRTask(data.train_matrix, tcfg.batch_size, data.n_items)
-        raise ValueError(f"unknown MF loss {mcfg.loss!r}; use softmax or bpr")
+        raise ValueError(f"unknown MF loss {mcfg.loss!r}; use svd, softmax or bpr")
     return SequenceTask(data.train_seqs, mcfg, data.n_items, tcfg.batch_size)
 
 
@@ -333,7 +354,10 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, mcfg, data.n_users, data.n_items)
     warm = None
-    if init_from is not None:
+    closed_form = cfg.model == "mf" and mcfg.loss == "svd"
+    if init_from is not None and closed_form:
+        log.info("mf's svd solver is closed form: nothing to warm-start from %s", init_from)
+    elif init_from is not None:
         warm = warm_start(model, cfg.model, data.vocab, init_from)
         share = cfg.warm_epoch_share
         tcfg = dataclasses.replace(tcfg, epochs=max(1, round(tcfg.epochs * share)),
@@ -365,8 +389,11 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
             if on_epoch is not None:
                 on_epoch(epoch, row)
 
-        result = fit(model, task, tcfg, lambda m: evaluate(m, data, "valid", tcfg.eval_batch_size),
-                     checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch)
+        validate = lambda m: evaluate(m, data, "valid", tcfg.eval_batch_size)  # noqa: E731
+        if task is None:  # mf's closed-form solver
+            result = fit_svd(model, data, tcfg, validate, out_dir / "checkpoints", on_epoch=log_epoch)
+        else:
+            result = fit(model, task, tcfg, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch)
         valid = evaluate(model, data, "valid", tcfg.eval_batch_size)
         test = evaluate(model, data, "test", tcfg.eval_batch_size)
         pop = evaluate_popularity(data, "test")
