@@ -47,6 +47,8 @@ EARLY: dict[str, list[str]] = {
     "b64_fixed": ["train.batch_size=64"],
     "b32_fixed": ["train.batch_size=32"],
     "b16_fixed": ["train.batch_size=16"],
+    "b8_fixed": ["train.batch_size=8"],
+    "b16_token_weighted_fixed": ["train.batch_size=16", "token_weighted=true"],
     "b32_lr1_fixed": ["train.batch_size=32", "train.lr=0.001"],
 }
 RECIPES.update({f"early_{k}": v for k, v in EARLY.items()})

@@ -388,7 +388,8 @@ def main() -> None:
         c = r["config"]
         r["budget_minutes"] = minutes
         r["note"] = (f"{c['dim']} d, {c['n_layers']} layers, length {c['max_len']}, mask {c['mask_prob']}, "
-                     f"last-item {c['last_item_prob']}, lr {c['train']['lr']}; {r['epochs']} epochs, best "
+                     f"last-item {c['last_item_prob']}, lr {c['train']['lr']}, batch {c['train']['batch_size']}"
+                     f"{', token-weighted loss' if c.get('token_weighted') else ''}; {r['epochs']} epochs, best "
                      f"{r['best_epoch']}; stopped: {r['stopped']}")
         res["models"][bert4rec_label(minutes)] = r
         save()

@@ -63,7 +63,8 @@ def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_
     ranker = first["ranker"]  # tiny data: the AUC itself is noise here, its presence and range are not
     assert 0.0 <= ranker["test"]["click_auc"] <= 1.0 and (tmp / ranker["ranker_dir"] / "ranker.json").exists()
     assert ranker["registered"]["promoted"] and get_alias_version("recsys-ranker", "champion", uri)["version"] == 1
-    assert not first["models"]["mf"]["warm_start"] and "no champion" in first["models"]["mf"]["init"]
+    assert not first["models"]["mf"]["warm_start"] and "closed form" in first["models"]["mf"]["init"]
+    assert not first["models"]["bert4rec"]["warm_start"] and "no champion" in first["models"]["bert4rec"]["init"]
 
     # what `make run` prints after the flow: the UI command, the champions' metrics, a served answer
     report = N.where_things_are(load_config(TINY, overrides), uri)
