@@ -51,7 +51,14 @@ EARLY: dict[str, list[str]] = {
     "b16_token_weighted_fixed": ["train.batch_size=16", "token_weighted=true"],
     "b32_lr1_fixed": ["train.batch_size=32", "train.lr=0.001"],
 }
-RECIPES.update({f"early_{k}": v for k, v in EARLY.items()})
+# Each family pins the base it was measured on, so that its commands reproduce it as the defaults move:
+# the sweep (bert4rec_sweep.md): 64 d, 2 heads, mask 0.2, last-item 0.1, lr 1e-3, batch 128, random windows,
+# unsorted batches; the early runs (bert4rec_early.md): the defaults with batch 128 and the plain mean loss.
+SWEEP_BASE = ["dim=64", "n_heads=2", "mask_prob=0.2", "last_item_prob=0.1", "window=random", "train.lr=0.001",
+              "train.batch_size=128", "length_buckets=false", "token_weighted=false"]
+EARLY_BASE = ["train.batch_size=128", "token_weighted=false"]
+RECIPES = {k: [*SWEEP_BASE, *v] for k, v in RECIPES.items()}  # later overrides win
+RECIPES.update({f"early_{k}": [*EARLY_BASE, *v] for k, v in EARLY.items()})
 
 ONE = """
 import json, sys, time, torch

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, DATASETS, RESULTS, write_results  # noqa: E402
 
 from recsys_pretrain import schema as S  # noqa: E402
-from recsys_pretrain.config import IngestConfig, LabelConfig, load_config  # noqa: E402
+from recsys_pretrain.config import FinetuneConfig, IngestConfig, LabelConfig, load_config  # noqa: E402
 from recsys_pretrain.data.ingest import ingest  # noqa: E402
 from recsys_pretrain.data.labels import build_labels, features  # noqa: E402
 from recsys_pretrain.data.synthetic import SynthConfig, true_affinity, write_synthetic  # noqa: E402
@@ -81,7 +81,8 @@ def grid(name: str, ingested: Path, work: Path, seeds: list[int], epochs: int, p
     t0 = time.perf_counter()
     label_dir = work / "labels"
     report = build_labels(ingested, label_dir, LabelConfig())
-    pcfg = load_config(None, ["pretrain.model=mf", *pretrain_overrides]).pretrain
+    pcfg = load_config(None, ["pretrain.model=mf", f"pretrain.mf.loss={FinetuneConfig().pretrain_mf_loss}",
+                              *pretrain_overrides]).pretrain
     pre = pretrain_before_cutoff(label_dir, pcfg, work / "pretrain")
     print(f"[{name}] labels {report['splits']}; pretrained mf before T1: test NDCG@10 "
           f"{pre.test['ndcg_at_10']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)

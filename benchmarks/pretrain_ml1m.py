@@ -274,7 +274,8 @@ def markdown(res: dict) -> str:
                   "|---|" + "---:|" * len(b["curve_minutes_val_ndcg"]),
                   "| val NDCG@10 | " + " | ".join(f"{v:.4f}" for _, v in b["curve_minutes_val_ndcg"]) + " |", ""]
         for m, info in b.get("marks", {}).items():
-            lines.append(f"- At {m}: the best-on-validation model so far (epoch {info['best_epoch']}) has "
+            lines.append(f"- At {m} (the first epoch to end past it, at {info['elapsed_min']:.1f} min): the "
+                         f"best-on-validation model so far (epoch {info['best_epoch']}) has "
                          f"validation NDCG@10 {info['val']:.4f} and **test NDCG@10 {info['test']:.4f}**.")
         lines.append("")
     curves = {n: r["curve_minutes_val_ndcg"] for n, r in res["models"].items()

@@ -85,6 +85,9 @@ def warm_start(model: nn.Module, name: str, vocab: Vocab, source: str | Path) ->
     src, meta, old = load_model_dir(source)
     if meta["model"] != name:
         raise ValueError(f"{source}: a {meta['model']} model cannot warm-start {name}")
+    loss_then, loss_now = meta["config"].get("loss"), getattr(model.cfg, "loss", None)
+    if loss_then != loss_now:  # e.g. svd factors are not a starting point for the softmax loss
+        raise ValueError(f"{source}: trained with loss {loss_then!r}, this model uses {loss_now!r}: train from scratch")
     new_state, old_state = model.state_dict(), src.state_dict()
     item_new = old.item_index(vocab.items, strict=False)  # new item index i (1..n) -> old index or -1
     user_new = old.user_index(vocab.users, strict=False)

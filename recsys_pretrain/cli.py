@@ -160,7 +160,7 @@ def cmd_labels(args: argparse.Namespace, extra: list[str]) -> int:
     report = build_labels(args.ingested, args.out, cfg.finetune.labels)
     print(json.dumps(report, indent=2))
     print(f"next: recsys-pretrain prepare {args.out}/pretrain --out PREPARED && recsys-pretrain pretrain "
-          f"--model mf --data PREPARED, then finetune --pretrained <its model dir> --data {args.out}")
+          f"--model mf --data PREPARED mf.loss=softmax, then finetune --pretrained <its model dir> --data {args.out}")
     return 0
 
 

@@ -155,6 +155,10 @@ class FinetuneConfig:
     init: str = "finetuned"  # frozen | finetuned | random
     label_fraction: float = 1.0  # share of the fine-tuning labels used (by user-stratified sampling)
     pretrained_lr_scale: float = 0.1  # learning rate of pretrained embeddings relative to the heads
+    # mf solver of the ranker's pretraining before T1 (nightly flow, benchmarks/finetune.py): softmax, the one
+    # benchmarks/results/finetune.md measured; svd factors (user vectors scaled by singular values) are not
+    # measured as ranker inputs yet
+    pretrain_mf_loss: str = "softmax"
     hidden: int = 64
     valid_share: float = 0.1  # of the fine-tuning labels, held out for early stopping
     labels: LabelConfig = field(default_factory=LabelConfig)

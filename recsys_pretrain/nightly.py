@@ -135,7 +135,7 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     if cfg.flow.full_retrain_every > 0 and (night - 1) % cfg.flow.full_retrain_every == 0:
         return None, f"from scratch: night {night}, a full retrain every {cfg.flow.full_retrain_every} nights"
     source = resolve_model_dir(champ["run_id"], tracking_uri, cache_dir=_model_cache(cfg))
-    shape_keys = ("dim", "n_heads", "n_layers", "max_len", "ffn_mult")  # what sizes the weights
+    shape_keys = ("dim", "n_heads", "n_layers", "max_len", "ffn_mult", "loss")  # what sizes and shapes the weights
     old_cfg = json.loads((Path(source) / "model.json").read_text())["config"]
     arch = {k: old_cfg.get(k) for k in shape_keys}
     now = {k: getattr(getattr(cfg.pretrain, model), k, None) for k in shape_keys}
@@ -196,7 +196,8 @@ def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_i
     tracker = MLflowTracker(tracking_uri)
     work = root(cfg) / "finetune" / Path(ingested).name
     build_labels(ingested, work / "labels", cfg.finetune.labels)
-    pre = pretrain_before_cutoff(work / "labels", replace(cfg.pretrain, model="mf"), work / "pretrain",
+    pcfg = replace(cfg.pretrain, model="mf", mf=replace(cfg.pretrain.mf, loss=cfg.finetune.pretrain_mf_loss))
+    pre = pretrain_before_cutoff(work / "labels", pcfg, work / "pretrain",
                                  tracker=tracker, parent_run_id=parent_run_id)
     res = finetune(work / "labels", pre.model_dir, cfg.finetune, work / "ranker", tracker=tracker,
                    parent_run_id=parent_run_id)

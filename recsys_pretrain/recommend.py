@@ -278,7 +278,9 @@ class Recommender:
 
     def _overfetch(self, queries: np.ndarray, want: int, seen: list[np.ndarray], allowed: np.ndarray | None):
         """Ask the index for want + |seen| candidates, drop seen / disallowed ones; rows still short (a
-        category filter) are asked again for twice as many, up to the whole catalogue."""
+        category filter) are asked again for twice as many, up to the whole catalogue. A graph index may not
+        reach every item even then (HNSW over many identical vectors, such as items without training events):
+        rows still short are scored exactly over what they may get."""
         n = self.index.n_items
         labels: list[np.ndarray] = [np.zeros(0, np.int64)] * len(queries)
         scores: list[np.ndarray] = [np.zeros(0, np.float32)] * len(queries)
@@ -294,9 +296,14 @@ class Recommender:
                 if allowed is not None:
                     ok &= allowed[np.maximum(lab[j], 0)]
                 labels[r], scores[r] = lab[j][ok][:want], sc[j][ok][:want]
-                if len(labels[r]) < want and fetch < n:
+                if len(labels[r]) < want:
                     still.append(r)
             pending = np.asarray(still, dtype=np.int64)
+            if len(pending) and fetch >= n:  # the whole catalogue was asked for and some rows are still short
+                items = np.arange(1, n + 1) if allowed is None else np.flatnonzero(allowed[1:]) + 1
+                for r in pending:
+                    (labels[r],), (scores[r],) = self._scan(queries[r : r + 1], items, want, [seen[r]])
+                break
             fetch = min(n, fetch * 2)
         return labels, scores
 

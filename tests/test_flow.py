@@ -111,6 +111,7 @@ def test_first_night_promotes_publishes_and_a_worse_challenger_is_rejected(flow_
 
 def test_quality_gate_stops_a_night_that_looks_wrong(flow_env):
     overrides, uri, tmp = flow_env
+    overrides = [*overrides, "pretrain.mf.loss=softmax"]  # mf by gradient descent: it warm-starts on night three
     nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false"])
     # tonight's log is a fifth of last night's: the volume bound stops the flow before training
     small = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false", "synth.n_users=40",
@@ -119,8 +120,7 @@ def test_quality_gate_stops_a_night_that_looks_wrong(flow_env):
     assert small["models"] == {} and get_alias_version("recsys-mf", "champion", uri)["version"] == 1
 
     # The next good night warm-starts from the champion (night 1 trained from scratch: nothing to start from).
-    # mf trained by gradient descent here: its default svd solver is closed form and never warm-starts.
-    third = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false", "pretrain.mf.loss=softmax"])
+    third = nightly(TINY, [*overrides, "flow.models=[mf]", "flow.finetune=false"])
     assert third["models"]["mf"]["warm_start"] and third["models"]["mf"]["init"].startswith("warm start from champion v1")
     run = MlflowClient(uri).get_run(third["models"]["mf"]["run_id"])
     assert run.data.tags["init"] == "warm start" and run.data.params["warm_start.item_overlap"] == "1.0"

@@ -150,8 +150,15 @@ def test_mf_svd_is_the_best_rank_k_approximation():
     best = (u[:, :4] * s[:4]) @ vt[:4]  # Eckart-Young: the best rank-4 approximation
     with torch.no_grad():
         got = model.user_embeddings(torch.arange(12)) @ model.item_embeddings().T
-    np.testing.assert_allclose(got.numpy(), best, atol=1e-5)
+    np.testing.assert_allclose(got.numpy(), best, atol=1e-5)  # the item bias only breaks ties (<= 1e-6)
+    pop = x[:, 1:].sum(0)
+    np.testing.assert_allclose(model.item_bias[1:].detach().numpy(), 1e-6 * pop / pop.max(), rtol=1e-5)
     assert residual == pytest.approx(((x[:, 1:] - best) ** 2).sum() / (x**2).sum(), rel=1e-6)
+    # more factors than the matrix has: the ones it has are fitted, the rest stay zero
+    small = MODELS["mf"](3, 4, MFConfig(dim=8, loss="svd"))
+    tiny = np.array([[0, 1, 0, 2, 1], [0, 0, 3, 1, 0], [0, 1, 1, 0, 2]], dtype=np.float64)
+    assert 0.0 <= small.fit_svd(sp.csr_matrix(tiny)) < 1.0
+    assert small.item.weight[:, 2:].abs().sum() == 0 and small.user.weight[:, :2].abs().sum() > 0
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
@@ -271,8 +278,15 @@ def test_token_weighting_makes_every_masked_item_count_alike():
     batches = list(SequenceTask(seqs, cfg, n_items=40, batch_size=16).batches(torch.Generator().manual_seed(0)))
     counts = torch.tensor([float((b["labels"] != 0).sum()) for b in batches])
     scales = torch.stack([b["loss_scale"] for b in batches])
-    torch.testing.assert_close(scales, counts / counts.mean())  # mean loss x scale = sum loss / mean count
+    ratio = scales / counts  # mean loss x scale = sum loss / the expected masked items per batch
+    torch.testing.assert_close(ratio, ratio[0].expand_as(ratio))
     assert scales.min() < 0.7 < 1.3 < scales.max()  # short and long batches really differ
+    # the expectation (no pass over the epoch needed) is what masking really yields on average
+    task = SequenceTask(seqs, cfg, n_items=40, batch_size=16)
+    totals = [sum(int((b["labels"] != 0).sum()) for b in task.batches(torch.Generator().manual_seed(k)))
+              for k in range(300)]
+    assert np.mean(totals) == pytest.approx(task.expected_masked(), rel=0.01)
+    torch.testing.assert_close(ratio[0], torch.tensor(task.n_batches() / task.expected_masked()))
     model = BERT4Rec(40, cfg)
     b = batches[0]
     _, scaled = model(**b)

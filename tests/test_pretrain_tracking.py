@@ -12,16 +12,19 @@ from recsys_pretrain.tracking import MLflowTracker, load_pyfunc
 from recsys_pretrain.train.pretrain import evaluate, load_prepared, pretrain, query_inputs
 
 TINY = {
-    "mf": ["pretrain.mf.dim=16", "pretrain.mf.train.epochs=6", "pretrain.mf.train.eval_every=2"],
+    "mf": ["pretrain.mf.dim=16"],  # the default solver, svd: closed form, one evaluation
+    "mf_softmax": ["pretrain.mf.dim=16", "pretrain.mf.loss=softmax", "pretrain.mf.train.epochs=6",
+                   "pretrain.mf.train.eval_every=2"],
     "bert4rec": ["pretrain.bert4rec.dim=16", "pretrain.bert4rec.n_heads=2", "pretrain.bert4rec.n_layers=1",
                  "pretrain.bert4rec.max_len=20", "pretrain.bert4rec.train.epochs=3",
                  "pretrain.bert4rec.train.eval_every=1", "pretrain.bert4rec.train.warmup_steps=2"],
 }
 
 
-@pytest.mark.parametrize("model", ["mf", "bert4rec"])
-def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_prepared, mlflow_uri, tmp_path, model):
-    cfg = load_config(None, [f"pretrain.model={model}", *TINY[model]]).pretrain
+@pytest.mark.parametrize("recipe", ["mf", "mf_softmax", "bert4rec"])
+def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_prepared, mlflow_uri, tmp_path, recipe):
+    model = recipe.split("_")[0]
+    cfg = load_config(None, [f"pretrain.model={model}", *TINY[recipe]]).pretrain
     res = pretrain(tiny_prepared["prepared"], cfg, tmp_path / "run", tracker=MLflowTracker(mlflow_uri))
     assert 0.0 <= res.test["ndcg_at_10"] <= 1.0 and res.test["users"] > 100
 
@@ -35,7 +38,10 @@ def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_pre
     assert run.data.metrics["test/ndcg_at_10"] == pytest.approx(res.test["ndcg_at_10"])
     assert "test/popularity_ndcg_at_10" in run.data.metrics
     steps = [m.step for m in client.get_metric_history(res.run_id, "val/ndcg_at_10")]
-    assert steps == sorted(steps) and len(steps) >= 2
+    if recipe == "mf":  # closed form: one solve, one validation
+        assert steps == [1] and res.fit.stopped == "closed_form"
+    else:  # the loop validates every eval_every epochs
+        assert steps == sorted(steps) and len(steps) >= 2
     assert len(client.get_metric_history(res.run_id, "train/loss")) == res.fit.epochs_run
     assert run.inputs.dataset_inputs and run.inputs.dataset_inputs[0].dataset.name == "events"
     names = {a.path for a in client.list_artifacts(res.run_id)}
@@ -65,7 +71,7 @@ def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_pre
 
 
 def test_unknown_ids_score_nan(tiny_prepared, mlflow_uri, tmp_path):
-    cfg = load_config(None, ["pretrain.model=mf", *TINY["mf"], "pretrain.mf.train.epochs=1"]).pretrain
+    cfg = load_config(None, ["pretrain.model=mf", *TINY["mf"]]).pretrain
     tracker = MLflowTracker(mlflow_uri)
     res = pretrain(tiny_prepared["prepared"], cfg, tmp_path / "run", tracker=tracker)
     client = MlflowClient(mlflow_uri)

@@ -169,7 +169,7 @@ def test_category_filter_through_an_approximate_index(mf_dir, tiny_prepared, tmp
 
 
 def test_index_of_another_model_is_refused(mf_dir, tiny_prepared, tmp_path):
-    other = _train(tiny_prepared["prepared"], tmp_path / "other", "mf", "pretrain.mf.train.seed=1")
+    other = _train(tiny_prepared["prepared"], tmp_path / "other", "mf", "pretrain.mf.loss=softmax")  # other vectors
     cfg = IndexConfig(factory="Flat", tune_queries=20, tune_latency_queries=2)
     build_model_index(other, tmp_path / "idx", cfg)
     with pytest.raises(IndexMismatchError, match="embeddings_sha256"):

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
+from scipy.sparse.linalg import svds
 from torch import nn
 
 from recsys_pretrain.config import MFConfig
@@ -30,22 +31,33 @@ class MF(nn.Module):
         with torch.no_grad():
             self.item.weight[0].zero_()
 
+    TIE_BREAK = 1e-6  # largest item bias of the svd solver: far below the factors' score differences
+
     @torch.no_grad()
     def fit_svd(self, matrix: sp.spmatrix, seed: int = 0) -> float:
         """Set the factors to the truncated SVD of `matrix` (n_users, n_items + 1; column 0 is padding):
-        users U S, items V, biases zero. Returns the relative squared residual 1 - sum(s^2) / ||X||^2."""
+        users U S, items V. A matrix of lower rank than `dim` (a tiny catalogue) fills the factors it has and
+        leaves the rest zero. The item bias is popularity scaled to at most TIE_BREAK: it only orders what the
+        factors tie on (a user without training events has a zero vector and gets the most popular items;
+        items without training events rank by nothing else). Returns the relative squared residual
+        1 - sum(s^2) / ||X||^2."""
         x = sp.csr_matrix(matrix, dtype=np.float64)[:, 1:]
-        k = self.cfg.dim
-        if k >= min(x.shape):
-            raise ValueError(f"mf dim {k} must be below min(users, items) = {min(x.shape)} for a truncated SVD")
-        v0 = np.random.default_rng(seed).uniform(-1.0, 1.0, min(x.shape))  # ARPACK's start: seeded, deterministic
-        u, s, vt = sp.linalg.svds(x, k=k, v0=v0)
-        order = np.argsort(-s)  # largest factor first
-        self.user.weight.copy_(torch.from_numpy(np.ascontiguousarray(u[:, order] * s[order])))
-        self.item.weight[1:].copy_(torch.from_numpy(np.ascontiguousarray(vt[order].T)))
+        self.user.weight.zero_()
+        self.item.weight.zero_()
         self.item_bias.zero_()
         total = x.multiply(x).sum()
-        return float(1.0 - (s**2).sum() / total) if total > 0 else 0.0
+        pop = np.asarray(x.sum(axis=0)).ravel()
+        if pop.max(initial=0.0) > 0:
+            self.item_bias[1:] = torch.from_numpy(self.TIE_BREAK * pop / pop.max())
+        k = min(self.cfg.dim, min(x.shape) - 1)  # svds needs k < min(shape)
+        if total == 0 or k < 1:
+            return 0.0 if total == 0 else 1.0
+        v0 = np.random.default_rng(seed).uniform(-1.0, 1.0, min(x.shape))  # ARPACK's start: seeded, deterministic
+        u, s, vt = svds(x, k=k, v0=v0)
+        order = np.argsort(-s)  # largest factor first
+        self.user.weight[:, :k] = torch.from_numpy(np.ascontiguousarray(u[:, order] * s[order]))
+        self.item.weight[1:, :k] = torch.from_numpy(np.ascontiguousarray(vt[order].T))
+        return float(1.0 - (s**2).sum() / total)
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         """(B,) user indices -> (B, n_items) scores over items 1..n."""

@@ -42,8 +42,8 @@ class FitResult:
     best_epoch: int
     best_metrics: dict[str, float]
     epochs_run: int
-    stopped: str  # "early_stopping" | "budget" | "epochs"
-    train_seconds: float
+    stopped: str  # "early_stopping" | "budget" | "epochs" | "closed_form" (mf's svd solver, no loop)
+    train_seconds: float  # the loop counts its validations in; the closed-form solver only its solve
     history: list[dict[str, float]] = field(default_factory=list)
     best_checkpoint: Path | None = None
 

@@ -191,12 +191,17 @@ class SequenceTask:
             yield from batches
             return
         # Every masked item of the epoch weighs alike, however the batches were cut: a batch's mean loss
-        # is scaled by its masked items over the epoch's mean per batch (the epoch is masked up front).
-        batches = list(batches)
-        counts = [int((b["labels"] != 0).sum()) for b in batches]
-        mean = sum(counts) / len(counts)
-        for b, c in zip(batches, counts, strict=True):
-            yield {**b, "loss_scale": torch.tensor(c / mean)}
+        # is scaled by its masked items over the expected masked items per batch of the epoch.
+        mean = self.expected_masked() / self.n_batches()
+        for b in batches:
+            yield {**b, "loss_scale": torch.tensor(float((b["labels"] != 0).sum()) / mean)}
+
+    def expected_masked(self) -> float:
+        """Expected masked positions in an epoch under `mask_items`' rules: a sequence of L >= 2 items draws
+        Binomial(L, p), bumped to 1 when none and cut to L - 1 when all; one item, or the last-item task, is 1."""
+        L, p, last = self.lengths.astype(np.float64), self.cfg.mask_prob, self.cfg.last_item_prob
+        drawn = np.where(L >= 2, L * p + (1 - p) ** L - p**L, 1.0)
+        return float((last + (1 - last) * drawn).sum())
 
     def _batch(self, idx: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         rows = [self._window(self.seqs[j], generator) for j in idx]
