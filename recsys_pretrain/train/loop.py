@@ -72,7 +72,8 @@ def _seed(cfg: TrainConfig, epoch: int) -> int:
     return cfg.seed * 1_000_003 + epoch
 
 
-def _save(path: Path, obj: dict) -> None:
+def save_checkpoint(path: Path, obj: dict) -> None:
+    """torch.save, atomically (a temp file, then rename)."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -153,7 +154,7 @@ def fit(
                 state.update(best=metrics[monitor], best_epoch=epoch, best_metrics=metrics, bad_evals=0)
                 best_state = copy.deepcopy(model.state_dict())
                 if best_path is not None:
-                    _save(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics})
+                    save_checkpoint(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics})
             else:
                 state["bad_evals"] += 1
         state["elapsed"] += time.perf_counter() - t0
@@ -167,7 +168,7 @@ def fit(
         elif state["bad_evals"] >= cfg.patience:
             state["stopped"] = "early_stopping"
         if last is not None:
-            _save(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "state": state})
         log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if on_epoch is not None:

@@ -24,10 +24,9 @@ from torch import nn
 
 from recsys_pretrain.checkpoint import build_model, save_model_dir, warm_start
 from recsys_pretrain.config import BERT4RecConfig, MFConfig, PretrainConfig, TrainConfig, flatten
-from recsys_pretrain.io import atomic_path
 from recsys_pretrain.masking import append_mask, mask_items
 from recsys_pretrain.metrics import evaluate_scores, popularity_scores
-from recsys_pretrain.train.loop import FitResult, fit
+from recsys_pretrain.train.loop import FitResult, fit, save_checkpoint
 from recsys_pretrain.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -287,9 +286,7 @@ def fit_svd(model: nn.Module, data: PreparedData, tcfg: TrainConfig, validate: C
     metrics = validate(model)
     row = {"epoch": 1, "train_loss": residual, **{f"val_{k}": v for k, v in metrics.items()}, "elapsed_s": seconds}
     best = checkpoint_dir / "best.pt"
-    best.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(best) as tmp:
-        torch.save({"model": model.state_dict(), "epoch": 1, "metrics": metrics}, tmp)
+    save_checkpoint(best, {"model": model.state_dict(), "epoch": 1, "metrics": metrics})
     if on_epoch is not None:
         on_epoch(1, row)
     return FitResult(best_epoch=1, best_metrics=metrics, epochs_run=1, stopped="closed_form", train_seconds=seconds,
@@ -359,8 +356,8 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, mcfg, data.n_users, data.n_items)
     warm = None
-    closed_form = cfg.model == "mf" and mcfg.loss == "svd"
-    if init_from is not None and closed_form:
+    task = make_task(cfg.model, mcfg, data, tcfg)  # None: mf's closed-form solver (only the epochs change below)
+    if init_from is not None and task is None:
         log.info("mf's svd solver is closed form: nothing to warm-start from %s", init_from)
     elif init_from is not None:
         warm = warm_start(model, cfg.model, data.vocab, init_from)
@@ -368,7 +365,6 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
         tcfg = dataclasses.replace(tcfg, epochs=max(1, round(tcfg.epochs * share)),
                                    eval_every=min(tcfg.eval_every, max(1, round(tcfg.epochs * share))),
                                    warmup_steps=round(tcfg.warmup_steps * share))
-    task = make_task(cfg.model, mcfg, data, tcfg)
     out_dir = Path(out_dir)
     experiment = cfg.experiment or data.name
     run_name = run_name or f"{cfg.model}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
