@@ -17,7 +17,8 @@ from recsys_pretrain.config import load_config
 def deployment_kwargs(config: str) -> dict:
     cfg = load_config(config)
     return {"name": "nightly", "cron": cfg.flow.schedule_cron, "parameters": {"config": config},
-            "tags": ["recsys-pretrain", "nightly"], "description": "Nightly pretraining, promotion and index publish"}
+            "tags": ["recsys-pretrain", "nightly"], "description": "Nightly pretraining, promotion and index publish",
+            "concurrency_limit": 1}  # a night that overruns is not joined by the next one
 
 
 def main(argv: list[str] | None = None) -> None:

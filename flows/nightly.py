@@ -14,6 +14,8 @@ import sys
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
 from recsys_pretrain import nightly as N
@@ -21,6 +23,15 @@ from recsys_pretrain.config import RunConfig, load_config
 from recsys_pretrain.tracking import MLflowTracker, resolve_tracking_uri
 
 IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 5, 10]}
+# One promotion (and index publish) at a time across every flow run on this Prefect server; the library
+# also locks the data directory and moves the alias by compare-and-set.
+PROMOTION_LIMIT = "recsys-pretrain-promotion"
+
+
+def _promotion_slot():
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(PROMOTION_LIMIT, limit=1)
+    return concurrency(PROMOTION_LIMIT, occupy=1, strict=True)
 
 
 def _ingest_key(context, parameters) -> str:
@@ -98,11 +109,13 @@ def nightly(config: str = "configs/default.yaml", overrides: list[str] | None = 
                 challenger = pretrain(prepared, model, cfg, uri, parent, fr)
                 result["models"][model] = challenger
                 tracker.log_metrics({f"{model}/test_{k}": v for k, v in challenger["test"].items()}, step=0)
-                result["promotions"].append(
-                    promote(f"{cfg.flow.registry_prefix}-{model}", challenger, prepared, cfg, uri))
+                with _promotion_slot():
+                    result["promotions"].append(
+                        promote(f"{cfg.flow.registry_prefix}-{model}", challenger, prepared, cfg, uri))
             if cfg.flow.finetune:
                 result["ranker"] = finetune(ingested, cfg, uri, parent)
-            result["index"] = publish_index(cfg, uri, parent)
+            with _promotion_slot():
+                result["index"] = publish_index(cfg, uri, parent)
             tracker.set_tags({"outcome": "trained"})
     md = N.summary_markdown(result, uri)
     create_markdown_artifact(markdown=md, key="nightly-summary", description="MLflow run and key metrics")

@@ -6,6 +6,8 @@
     recsys-pretrain index MODEL --out data/index [key=value ...]
     recsys-pretrain recommend --model MODEL [--index DIR] (--user U | --history i1,i2 | --similar I) -k 10
     recsys-pretrain serve --model MODEL [--index DIR] [--host 127.0.0.1] [--port 8000]
+    recsys-pretrain forget INGESTED_DIR --user ID [--user ID ...] [--key-env VAR | --key-file F]
+    recsys-pretrain tune --model bert4rec --data data/prepared --minutes 30 [--trials N] [--out DIR] [key=value ...]
     recsys-pretrain run [--config configs/default.yaml] [key=value ...]
 
 `key=value` overrides address the stage's section (`min_user_events=5`) or the whole config
@@ -24,6 +26,7 @@ from pathlib import Path
 from recsys_pretrain.config import ConfigError, RunConfig, load_config
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+FORCE_HELP = "replace --out even if this project did not write it (never allowed when it holds an input)"
 
 
 def _split_overrides(values: list[str], section: str | None) -> tuple[list[str], list[str]]:
@@ -33,7 +36,7 @@ def _split_overrides(values: list[str], section: str | None) -> tuple[list[str],
         if _OVERRIDE.match(v) and not Path(v).exists():
             key = v.split("=", 1)[0]
             known = {"name", "data_dir", "synth", "ingest", "prepare", "pretrain", "finetune", "flow", "index",
-                     "serve"}
+                     "serve", "tune"}
             overrides.append(v if section is None or key.split(".")[0] in known else f"{section}.{v}")
         else:
             paths.append(v)
@@ -83,7 +86,7 @@ def cmd_ingest(args: argparse.Namespace, extra: list[str]) -> int:
     icfg = replace(cfg.ingest, format=args.format) if args.format else cfg.ingest
     if not paths:
         raise ConfigError("ingest: no input files given")
-    ingest(paths, args.out, icfg)
+    ingest(paths, args.out, icfg, force=args.force)
     print((Path(args.out) / "report.md").read_text())
     _print_quarantine_sample(Path(args.out))
     return 0
@@ -103,7 +106,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
     from recsys_pretrain.data.prepare import prepare
 
     cfg, paths = _config(args, extra, "prepare")
-    meta = prepare(args.ingested, args.out, cfg.prepare)
+    meta = prepare(args.ingested, args.out, cfg.prepare, force=args.force)
     print(json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2, default=str))
     return 0
 
@@ -120,7 +123,7 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     from recsys_pretrain.train.pretrain import pretrain
 
     cfg, _ = _config(args, extra, "pretrain")
-    pcfg = replace(cfg.pretrain, model=args.model)
+    pcfg = replace(cfg.pretrain, model=args.model, **({"resume": "never"} if args.restart else {}))
     if args.max_minutes is not None:
         mcfg = getattr(pcfg, args.model)
         pcfg = replace(pcfg, **{args.model: replace(mcfg, train=replace(mcfg.train, max_minutes=args.max_minutes))})
@@ -129,6 +132,22 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     print(json.dumps({"run_id": res.run_id, "model_dir": str(res.model_dir), "stopped": res.fit.stopped,
                       "best_epoch": res.fit.best_epoch, "train_seconds": round(res.fit.train_seconds, 1),
                       "valid": res.valid, "test": res.test, "popularity_test": res.popularity_test}, indent=2))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    """Hyper-parameter search (Optuna) over one model's pretraining; writes best.yaml, prints a JSON summary."""
+    from recsys_pretrain.tune import tune
+
+    cfg, _ = _config(args, extra, "pretrain")
+    tcfg = cfg.tune
+    for name, value in (("model", args.model), ("minutes", args.minutes), ("n_trials", args.trials)):
+        if value is not None:
+            tcfg = replace(tcfg, **{name: value})
+    cfg = replace(cfg, tune=tcfg)
+    out = Path(args.out or Path(cfg.data_dir) / "tune" / f"{tcfg.model}-{Path(args.data).resolve().name}")
+    res = tune(args.data, cfg, out, tracker=_tracker(cfg, not args.no_tracking))
+    print(json.dumps(res.summary(), indent=2, default=str))
     return 0
 
 
@@ -157,7 +176,7 @@ def cmd_labels(args: argparse.Namespace, extra: list[str]) -> int:
     from recsys_pretrain.data.labels import build_labels
 
     cfg, _ = _config(args, extra, "finetune")
-    report = build_labels(args.ingested, args.out, cfg.finetune.labels)
+    report = build_labels(args.ingested, args.out, cfg.finetune.labels, force=args.force)
     print(json.dumps(report, indent=2))
     print(f"next: recsys-pretrain prepare {args.out}/pretrain --out PREPARED && recsys-pretrain pretrain "
           f"--model mf --data PREPARED mf.loss=softmax, then finetune --pretrained <its model dir> --data {args.out}")
@@ -216,7 +235,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
     cfg, _ = _config(args, extra, "index")
     icfg = replace(cfg.index, factory=args.factory) if args.factory else cfg.index
     res = build_model_index(args.model, args.out, icfg, tracker=_tracker(cfg, not args.no_tracking),
-                            tracking_uri=_model_tracking_uri(args.model, cfg))
+                            tracking_uri=_model_tracking_uri(args.model, cfg), force=args.force)
     m = res.meta
     print(json.dumps({"index": str(res.path), "run_id": res.run_id, "factory": m["resolved_factory"],
                       "mips": m["mips"], "n_items": m["n_items"], "dim": m["dim"], "search": m["search"],
@@ -243,7 +262,12 @@ def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
     rec = load_recommender(scfg, _serve_tracking_uri(scfg, cfg))
     if args.user:
         label, queries = "user", args.user
+        key = _user_key(args, cfg)
+        rec = rec.with_user_key(key)  # privacy: raw ids hashed as ingest hashed them
         answers = rec.recommend(args.user, args.k, category=args.category)
+        if key is None and any(a.fallback == "unknown_user" for a in answers) and _looks_pseudonymised(rec):
+            print("note: the model's user ids look pseudonymised; give the key (--key-env / --key-file or "
+                  "ingest.pseudonymise_key_env / _file) to look up raw ids", file=sys.stderr)
     elif args.history is not None:
         label, queries = "history", [args.history]
         history = [x.strip() for x in args.history.split(",") if x.strip()]
@@ -263,6 +287,56 @@ def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
         for r, (i, sc) in enumerate(zip(a.ids, a.scores, strict=True), 1):
             print(f"{r:>5}  {str(i):<20} {sc:>10.4f}")
         print()
+    return 0
+
+
+def _user_key(args: argparse.Namespace, cfg: RunConfig) -> bytes | None:
+    """The pseudonymisation key: --key-env / --key-file, else the config's ingest settings; None if none."""
+    from recsys_pretrain.privacy import key_from_config, load_key
+
+    if args.key_env or args.key_file:
+        return load_key(args.key_env, args.key_file)
+    return key_from_config(cfg.ingest)
+
+
+def _looks_pseudonymised(rec) -> bool:
+    from recsys_pretrain.privacy import looks_pseudonymised
+
+    return looks_pseudonymised(rec.vocab.users)
+
+
+def _add_key_options(s: argparse.ArgumentParser) -> None:
+    k = s.add_mutually_exclusive_group()
+    k.add_argument("--key-env", metavar="VAR", help="environment variable holding the key user ids were "
+                   "pseudonymised with at ingest (default: ingest.pseudonymise_key_env / _file of the config)")
+    k.add_argument("--key-file", metavar="FILE", help="file holding that key")
+
+
+def cmd_forget(args: argparse.Namespace, extra: list[str]) -> int:
+    """Remove users' rows from ingested directories; the next nightly run then retrains from scratch."""
+    from recsys_pretrain.data.forget import forget
+
+    cfg, dirs = _config(args, list(args.data) + extra, "ingest")
+    users = list(args.user or [])
+    if args.users_file:  # a file keeps the ids out of the shell history and the process list
+        users += [line.strip() for line in Path(args.users_file).read_text().splitlines() if line.strip()]
+    if not users:
+        raise ConfigError("forget: give the users with --user ID (repeatable) or --users-file FILE")
+    if not dirs:
+        raise ConfigError("forget: no ingested directory given")
+    key = _user_key(args, cfg)
+    for d in dirs:
+        res = forget(d, users, key=key)
+        missing = len(res["not_found"])
+        if not res["changed"]:
+            print(f"{d}: nothing removed: it holds no rows of the {len(users)} user(s) given")
+            continue
+        print(f"{d}: forgot {res['users_found']} user(s): {res['events_removed']:,} events and "
+              f"{res['quarantine_removed']:,} quarantined rows removed, {res['items_dropped']:,} item(s) left "
+              f"without events dropped; the next nightly run trains from scratch")
+        if missing:
+            which = ", ".join(f"#{i + 1}" for i in res["not_found"][:20])
+            print(f"{d}: {missing} of the users given hold no rows here (given as {which})")
     return 0
 
 
@@ -321,11 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("inputs", nargs="+", help="input files (csv, tsv, txt, parquet, ndjson; .gz ok), then key=value")
     s.add_argument("--format", choices=["generic", "movielens", "sasrec", "taobao", "retailrocket"])
     s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("prepare", help="sequences, splits and the interaction matrix from an ingested log")
     s.add_argument("ingested")
     s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("pretrain", help="train mf or bert4rec on a prepared dataset, tracked in MLflow")
@@ -336,7 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget; the schedule spans the model's train.epochs (with "
                         "bert4rec.train.budget_horizon=true, the epochs the budget fits)")
     s.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
+    s.add_argument("--restart", action="store_true",
+                   help="start anew even if --out holds a checkpoint (by default only a checkpoint of the same "
+                        "config and data is resumed, and another run's is refused)")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("tune", help="hyper-parameter search (Optuna TPE, pruned on validation NDCG@10) within a "
+                                    "time budget; writes best.yaml, a config that `pretrain` accepts")
+    s.add_argument("--model", choices=["mf", "bert4rec"], help="the model to tune (default: tune.model)")
+    s.add_argument("--data", required=True, help="a prepared directory")
+    s.add_argument("--minutes", type=float, help="total budget (default: tune.minutes); each trial is capped at "
+                                                 "tune.trial_max_minutes (default: a quarter of it)")
+    s.add_argument("--trials", type=int, help="at most this many trials (default: tune.n_trials, else the budget)")
+    s.add_argument("--out", help="output directory (best.yaml, tune.json, trials.csv, the best trial's model)")
+    s.add_argument("--no-tracking", action="store_true", help="do not record the study in MLflow")
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("evaluate", help="full-ranking metrics of a model directory or MLflow run on prepared data")
     s.add_argument("model", help="a model directory or an MLflow run id")
@@ -346,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("labels", help="time-split click/purchase labels (and the pre-T1 events to pretrain on)")
     s.add_argument("ingested")
     s.add_argument("--out", required=True)
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=cmd_labels)
 
     s = sub.add_parser("finetune", help="train the click/purchase ranker on pretrained embeddings")
@@ -362,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the index directory (replaced atomically)")
     s.add_argument("--factory", help="a faiss.index_factory string (Flat, HNSW32, IVF1024,Flat) or auto")
     s.add_argument("--no-tracking", action="store_true", help="do not record the build in MLflow")
+    s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("recommend", help="top-k items for a user, a history or an item, from a model's index")
@@ -377,7 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reranker", help="re-rank the candidates with a fine-tuned ranker (MLflow model URI, e.g. "
                                       "models:/recsys-ranker@champion)")
     s.add_argument("--json", action="store_true", help="JSON instead of a table")
+    _add_key_options(s)
     s.set_defaults(func=cmd_recommend)
+
+    s = sub.add_parser("forget", help="remove users' rows from ingested data (the next nightly run retrains "
+                                      "from scratch)")
+    s.add_argument("data", nargs="+", help="ingested directories, then key=value")
+    s.add_argument("--user", action="append", help="a raw user id (repeat for several)")
+    s.add_argument("--users-file", help="a file of raw user ids, one per line")
+    _add_key_options(s)
+    s.set_defaults(func=cmd_forget)
 
     s = sub.add_parser("serve", help="the HTTP candidate service (FastAPI + uvicorn)")
     s.add_argument("--model", help="a model directory, an MLflow run id or models:/NAME@ALIAS")
@@ -397,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from recsys_pretrain.data.formats import IngestError
+    from recsys_pretrain.io import is_disk_full
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -408,6 +510,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, IngestError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a full disk surfaces from os, Polars, NumPy or torch, each in its own type
+        if not is_disk_full(exc):
+            raise
+        where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"error: no space left on the device{where}; nothing was published, the previous outputs are "
+              f"as they were. Free some space and run the command again ({type(exc).__name__})", file=sys.stderr)
+        return 28  # ENOSPC
 
 
 if __name__ == "__main__":

@@ -41,6 +41,10 @@ class IngestConfig:
     # larger ones in user ranges of about `partition_rows` events each (memory bounded by the range).
     in_memory_rows: int = 16_000_000
     partition_rows: int = 5_000_000
+    # Pseudonymise user ids (recsys_pretrain/privacy.py): the HMAC-SHA256 key is read from this environment
+    # variable or this file (one of them). Only the names are config; the key is never stored or logged.
+    pseudonymise_key_env: str | None = None
+    pseudonymise_key_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,13 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MFConfig:
     dim: int = 64
-    # svd (PureSVD, closed form) | softmax (multinomial over the catalogue, by AdamW) | bpr. svd measured best
-    # on ML-1M validation (benchmarks/results/pretrain_ml1m.md); `train` applies to softmax and bpr only.
+    # svd (PureSVD, closed form) | als (implicit's weighted ALS) | softmax (multinomial over the catalogue, by
+    # AdamW) | bpr. `train` applies to softmax and bpr only.
     loss: str = "svd"
+    # als: L2 regularization and confidence scale; None = chosen on validation NDCG@10 from ALS_GRID
+    regularization: float | None = None
+    alpha: float | None = None
+    iterations: int = 15
     init_std: float = 0.01
     # Chosen on ML-1M validation NDCG@10 (benchmarks/pretrain_ml1m.py): as good as 24 epochs at 5e-3, in 2/3 the time.
     train: TrainConfig = field(
@@ -136,6 +144,14 @@ class PretrainConfig:
     experiment: str | None = None  # MLflow experiment; None = named after the dataset
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
     warm_epoch_share: float = 0.25  # a warm-started run trains this share of the epoch budget
+    # A checkpoint in the output directory is resumed only if the same run wrote it (run-defining config,
+    # data, warm-start source). match: refuse another run's checkpoint; restart: start anew over it;
+    # never: always start anew.
+    resume: str = "match"
+    # After the model is chosen on validation, refit it with each user's validation item included (the
+    # closed-form solvers solve again on train + validation): test is reported on the refit model, and on
+    # the chosen one as test_no_refit.
+    refit: bool = True
 
 
 @dataclass(frozen=True)
@@ -247,7 +263,42 @@ class ServeConfig:
     # faiss OpenMP threads per search: requests already run in parallel threads, and a team of OpenMP
     # threads per single query only adds wake-up latency (milliseconds when the cores are busy)
     faiss_threads: int = 1
-    cache_dir: str | None = None  # where MLflow model directories are downloaded; None = a temp dir
+    # where MLflow model directories are downloaded (one subdirectory per run, reused across reloads);
+    # None = a temp directory per server, its old runs pruned after each reload and removed at exit
+    cache_dir: str | None = None
+    # Bearer token for POST /admin/reload and the admin views (filesystem paths in /metadata and errors);
+    # None = $RECSYS_ADMIN_TOKEN. With neither, the admin routes answer only on a loopback bind (host).
+    # Prefer the environment: a config value travels wherever the config is logged.
+    admin_token: str | None = field(default=None, repr=False)
+    # Registered MLflow models a re-ranker may come from (models:/NAME@ALIAS or models:/NAME/VERSION).
+    # Loading a pyfunc runs its pickled code: this is the trust boundary; empty = no re-ranker at all.
+    trusted_reranker_names: tuple[str, ...] = ("recsys-ranker",)
+    header_timeout_s: float = 10.0  # a request's line and headers must arrive within this (else 408, closed)
+    body_timeout_s: float = 30.0  # ... and its body within this once the headers are in (else closed)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16_384  # request line + headers; over it: 431 (400 when it arrives in pieces)
+    limit_concurrency: int = 1000  # open connections + running requests before new requests get 503; 0 = none
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The hyper-parameter search over one model's pretraining (recsys_pretrain/tune.py): Optuna's TPE
+    sampler, trials pruned on their per-epoch validation NDCG@10, within a total wall-clock budget."""
+
+    model: str = "bert4rec"  # mf | bert4rec
+    minutes: float = 60.0  # total budget: no trial starts unless its cap (plus export) still fits
+    trial_max_minutes: float | None = None  # per-trial cap, the model's train.max_minutes; None = minutes / 4
+    n_trials: int | None = None  # at most this many trials; None = as many as the budget allows
+    seed: int = 0  # the sampler's seed; every trial trains with the model's own train.seed
+    sampler_startup_trials: int = 10  # TPE: random trials before it models the results
+    pruner: str = "median"  # median (Optuna's MedianPruner) | none
+    pruner_startup_trials: int = 3  # finished trials before any trial may be pruned
+    pruner_warmup_steps: int = 5  # epochs of a trial before it may be pruned (steps are epochs)
+    # Dotted keys of the pretrain section under the model ("bert4rec.dim", "bert4rec.train.lr") to a
+    # distribution: {type: categorical, choices: [...]} | {type: float, low, high, log?, step?} |
+    # {type: int, low, high, log?, step?}. Nested mappings ({bert4rec: {dim: {...}}}) work too, so that
+    # `tune.space.mf.dim=...` overrides do. Empty = the model's default space (tune.DEFAULT_SPACES).
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -262,6 +313,7 @@ class RunConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def _convert(tp: Any, value: Any, key: str, base: Any = None) -> Any:

@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from recsys_pretrain.config import IndexConfig
-from recsys_pretrain.io import atomic_dir
+from recsys_pretrain.io import atomic_dir, check_output
 from recsys_pretrain.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -240,9 +240,10 @@ class ItemIndex:
         self.meta["search"] = {"param": search_knob(self.index), "value": int(value)}
 
     # ---- persistence ------------------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the index directory atomically: readers see the previous index or this one, whole."""
-        with atomic_dir(path) as stage:
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write the index directory atomically: readers see the previous index or this one, whole. An
+        existing directory is replaced only if this project wrote it, or `force`."""
+        with atomic_dir(path, force=force) as stage:
             faiss.write_index(self.index, str(stage / INDEX_FILE))
             np.save(stage / VECTORS_FILE, np.ascontiguousarray(self.vectors, dtype=np.float32))
             self.vocab.save(stage / VOCAB_FILE)
@@ -476,7 +477,7 @@ class IndexBuildResult:
 
 def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, tracker=None,
                       tracking_uri: str | None = None, cache_dir: str | Path | None = None,
-                      parent_run_id: str | None = None) -> IndexBuildResult:
+                      parent_run_id: str | None = None, force: bool = False) -> IndexBuildResult:
     """Build, tune and save the index for a trained model (directory, run id or models:/NAME@ALIAS), and
     record the build (parameters, recall@10/@100, build time, memory, the tuning curve) as a tracked run,
     nested under `parent_run_id` when given (a flow's run)."""
@@ -484,6 +485,7 @@ def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, trac
 
     tracker = tracker or NullTracker()
     model_dir = resolve_model_dir(model, tracking_uri, cache_dir)
+    check_output(out, inputs=[model_dir], force=force)  # before the build, not after it
     model_meta = json.loads((model_dir / "model.json").read_text())
     vocab = Vocab.load(model_dir / "vocab.json")
     items = np.load(model_dir / "item_embeddings.npy")  # (n_items, d)
@@ -500,7 +502,7 @@ def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, trac
                                        "vectors, search parameter tuned") as run_id:
         index = build_index(items, vocab, cfg, queries=queries, model=provenance)
         index.meta["run_id"] = run_id
-        index.save(out)
+        index.save(out, force=force)
         meta = index.meta
         tracker.log_params({"index": cfg, "resolved_factory": meta["resolved_factory"], "n_items": meta["n_items"],
                             "dim": meta["dim"], "model_run_id": provenance["run_id"]})

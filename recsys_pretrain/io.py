@@ -1,18 +1,37 @@
-"""Atomic writes: an artifact is either absent or complete, never half-written."""
+"""Atomic writes: an artifact is either absent or complete, never half-written, and a published path is
+never missing.
+
+A directory output (`atomic_dir`) is written into a version directory beside it and published by
+swapping a symlink with one rename: `out -> .out.v-<pid>-<token>`. Readers see the old version or the new
+one, whole, and `out` exists throughout. Versions, staging leftovers and link temporaries of killed runs
+(their process is gone) are removed by the next write of the same output.
+
+An output directory is replaced only when this project wrote it (a `.recsys-pretrain` marker in it, or
+a link to one of its versions) or it is empty; never when it contains one of the command's inputs.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+MARKER = ".recsys-pretrain"  # in every directory `atomic_dir` publishes
+
+
+class OutputError(ValueError):
+    """An output path that this command must not write: it holds an input, or a directory it did not write."""
 
 
 @contextlib.contextmanager
@@ -43,26 +62,154 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a staging directory beside `path`; on success it replaces `path` as a whole.
+# ---- directory outputs ----------------------------------------------------------------------------------
+def _absolute(path: Path) -> Path:
+    """`path` made absolute without following its last component (which may be a published link)."""
+    return path.parent.resolve() / path.name
 
-    Readers see the old directory or the new one, never a mix: the swap is two renames, and the old
-    directory is only deleted after the new one is in place.
-    """
+
+def _version_of(path: Path) -> Path | None:
+    """The version directory `path` links to, if it is a link this module published."""
+    if not path.is_symlink():
+        return None
+    target = os.readlink(path)
+    return path.parent / target if "/" not in target and target.startswith(f".{path.name}.v-") else None
+
+
+def written_here(path: str | Path) -> bool:
+    """True when `path` may be replaced: absent, empty, or written by this project."""
+    path = Path(path)
+    if _version_of(path) is not None:
+        return True
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        return False
+    if not path.exists():
+        return True
+    return (path / MARKER).exists() or not any(path.iterdir())
+
+
+def check_output(path: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> None:
+    """Refuse an output that holds (or is) one of `inputs`, and a directory this project did not write
+    (unless `force`). Raises OutputError naming both."""
+    out = _absolute(Path(path))
+    outs = {out, out.resolve()}
+    for given in inputs:
+        inp = Path(given).resolve()
+        if any(inp == o or o in inp.parents for o in outs):
+            raise OutputError(f"{path}: the output would replace the input {given}; choose another output path")
+    if not force and not written_here(path):
+        what = "a file" if Path(path).exists() and not Path(path).is_dir() else "a directory this project did not write"
+        raise OutputError(f"{path}: is {what} (no {MARKER} marker); refusing to replace it. Choose another "
+                          "output path, or pass --force to replace it")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftover_pid(name: str, stem: str) -> int | None:
+    """The pid in `.<stem>.<kind>-<pid>-<token>`, for this module's temporaries; None for anything else."""
+    for kind in ("v", "link", "staging", "old"):
+        prefix = f".{stem}.{kind}-"
+        if name.startswith(prefix):
+            pid = name[len(prefix):].split("-", 1)[0]
+            return int(pid) if pid.isdigit() else None
+    return None
+
+
+def _remove(p: Path) -> None:
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def clean_stale(path: str | Path) -> list[Path]:
+    """Remove what killed writes of `path` left beside it (their process is gone), never the live
+    version. Returns what was removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    live = _version_of(path)
+    removed = []
+    for entry in path.parent.iterdir():
+        pid = _leftover_pid(entry.name, path.name)
+        if pid is None or entry == live or pid_alive(pid):  # a live pid: a write still in progress
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> Iterator[Path]:
+    """Yield a fresh version directory for `path`; on success publish it as `path` (one rename of a
+    link), on error remove it. Refuses (OutputError) an output that holds an input or a directory this
+    project did not write, unless `force`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    check_output(path, inputs, force)
+    clean_stale(path)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    version = path.parent / f".{path.name}.v-{tag}"
+    version.mkdir()
+    published = False
     try:
-        yield staging
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(staging, path)
-        if old is not None:
+        yield version
+        (version / MARKER).write_text(json.dumps({"written_by": "recsys-pretrain", "at": time.time()}) + "\n")
+        os.chmod(version, 0o777 & ~_UMASK)
+        link = path.parent / f".{path.name}.link-{tag}"
+        os.symlink(version.name, link)
+        old = _version_of(path)
+        if path.is_symlink() or not path.exists():
+            os.replace(link, path)  # one rename: `path` is never missing
+        else:  # a plain directory (an older layout, or a forced replace): moved aside first, once
+            aside = path.parent / f".{path.name}.old-{tag}"
+            os.replace(path, aside)
+            os.replace(link, path)
+            _remove(aside)
+        published = True
+        if old is not None and old != version:
             shutil.rmtree(old, ignore_errors=True)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        if not published:
+            shutil.rmtree(version, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, UnboundLocalError):
+                link.unlink()
+
+
+# ---- locks ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def file_lock(path: str | Path, timeout_s: float | None = None) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, held for the block: serialises read-modify-write
+    sections across threads and processes on one machine (and on shared file systems that honour flock).
+    Released when the holder exits, even by kill -9."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if deadline is not None else 0))
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{path}: still locked by another run after {timeout_s:g} s") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for 'no space left' (or quota) errors, however the library that hit it reports them."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from recsys_pretrain.config import RunConfig
 from recsys_pretrain.gates import GateResult, promotion_gate, quality_gate
-from recsys_pretrain.io import write_json
+from recsys_pretrain.io import file_lock, write_json
+from recsys_pretrain.tracking import redact_uri
 
 
 def content_hash(paths: list[str | Path]) -> str:
@@ -64,6 +65,16 @@ def read_state(cfg: RunConfig) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def update_state(cfg: RunConfig, change) -> dict:
+    """Read state.json, apply `change(state)` in place and write it back, under a lock: two flows on one
+    data directory never lose each other's update."""
+    with file_lock(root(cfg) / ".state.lock"):
+        state = read_state(cfg)
+        change(state)
+        write_json(_state_path(cfg), state)
+    return state
+
+
 def quality_step(ingested: str, cfg: RunConfig) -> GateResult:
     """Tonight's ingest against the last accepted one (recorded in data/<name>/state.json)."""
     import polars as pl
@@ -79,9 +90,7 @@ def quality_step(ingested: str, cfg: RunConfig) -> GateResult:
 
 
 def accept_ingest(ingested: str, cfg: RunConfig) -> None:
-    state = read_state(cfg)
-    state["last_ingested"] = ingested
-    write_json(_state_path(cfg), state)
+    update_state(cfg, lambda state: state.update(last_ingested=ingested))
 
 
 def prepare_step(ingested: str, cfg: RunConfig) -> str:
@@ -100,7 +109,7 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
     from recsys_pretrain.train.pretrain import pretrain
 
     tracker = MLflowTracker(tracking_uri)
-    pcfg = replace(cfg.pretrain, model=model)
+    pcfg = replace(cfg.pretrain, model=model, resume="restart")  # the flow owns `out`: another config's checkpoint is stale
     source, why = warm_start_source(model, prepared, cfg, tracking_uri)
     out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}{'-warm' if source else ''}"
     if (out / "model").exists():  # a finished run of the same data: train anew (an unfinished one resumes)
@@ -110,9 +119,12 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
                    init_from=source)
     set_run_tags(res.run_id, {"init_reason": why, **({"prefect_flow_run_id": flow_run_id} if flow_run_id else {})},
                  tracking_uri)
-    state = read_state(cfg)
-    state.setdefault("trained_nights", {})[model] = state.get("trained_nights", {}).get(model, 0) + 1
-    write_json(_state_path(cfg), state)
+
+    def count_night(state: dict) -> None:
+        nights = state.setdefault("trained_nights", {})
+        nights[model] = nights.get(model, 0) + 1
+
+    update_state(cfg, count_night)
     return {"run_id": res.run_id, "model_uri": res.model_uri, "model_dir": str(res.model_dir), "test": res.test,
             "valid": res.valid, "seconds": res.seconds, "warm_start": source is not None, "init": why}
 
@@ -120,17 +132,22 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
 def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[str | None, str]:
     """The champion's model directory to warm-start `model` from tonight, or None, and why."""
     from recsys_pretrain.checkpoint import item_overlap
+    from recsys_pretrain.data.forget import forget_pending
     from recsys_pretrain.index import resolve_model_dir
-    from recsys_pretrain.tracking import get_alias_version
+    from recsys_pretrain.tracking import champion_trained_at, get_alias_version
+    from recsys_pretrain.train.pretrain import CLOSED_FORM
     from recsys_pretrain.vocab import Vocab
 
     if not cfg.flow.warm_start:
         return None, "from scratch: warm start is off"
-    if model == "mf" and cfg.pretrain.mf.loss == "svd":
-        return None, "from scratch: mf's svd solver is closed form (a second or so), nothing to warm-start"
+    if model == "mf" and cfg.pretrain.mf.loss in CLOSED_FORM:
+        return None, f"from scratch: mf's {cfg.pretrain.mf.loss} solver is closed form (seconds): nothing to warm-start"
     champ = get_alias_version(f"{cfg.flow.registry_prefix}-{model}", "champion", tracking_uri)
     if champ is None:
         return None, "from scratch: no champion to start from"
+    forgotten = forget_pending(root(cfg) / "ingested", champion_trained_at(champ["run_id"], tracking_uri))
+    if forgotten:  # the champion learnt from users who have since been forgotten: nothing of it is kept
+        return None, forgotten
     night = read_state(cfg).get("trained_nights", {}).get(model, 0) + 1
     if cfg.flow.full_retrain_every > 0 and (night - 1) % cfg.flow.full_retrain_every == 0:
         return None, f"from scratch: night {night}, a full retrain every {cfg.flow.full_retrain_every} nights"
@@ -148,15 +165,14 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     return str(source), f"warm start from champion v{champ['version']} ({overlap:.0%} of tonight's items known)"
 
 
-def champion_metric(model_name: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[float | None, str]:
-    """The registered champion's metric on tonight's held-out data (its model evaluated again when it
-    knows tonight's users and items; else the metric it was logged with, said so in the note)."""
+def champion_metric(champ: dict | None, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[float | None, str]:
+    """The champion's (`get_alias_version`) metric on tonight's held-out data (its model evaluated again
+    when it knows tonight's users and items; else the metric it was logged with, said so in the note)."""
     from recsys_pretrain.checkpoint import load_model_dir
     from recsys_pretrain.index import resolve_model_dir
-    from recsys_pretrain.tracking import get_alias_version, run_metrics
+    from recsys_pretrain.tracking import run_metrics
     from recsys_pretrain.train.pretrain import evaluate, load_prepared
 
-    champ = get_alias_version(model_name, "champion", tracking_uri)
     if champ is None:
         return None, "no champion"
     model_dir = resolve_model_dir(champ["run_id"], tracking_uri, cache_dir=_model_cache(cfg))
@@ -169,16 +185,41 @@ def champion_metric(model_name: str, prepared: str, cfg: RunConfig, tracking_uri
     return logged, f"champion v{champ['version']}: catalogue changed, compared with its logged {cfg.flow.gates.metric}"
 
 
+def promote(name: str, model_uri: str, value: float, champion_value, gates, cfg: RunConfig,
+            tracking_uri: str) -> tuple[int, GateResult, str]:
+    """Register `model_uri` as a new version of `name` and move `name@champion` to it only if `value`
+    passes the promotion gate against the champion's `champion_value(champ) -> (value, note)`.
+
+    Serialised: a lock on the data directory holds one promotion at a time, and the alias moves by
+    compare-and-set (the champion is read again just before the move; if another promotion moved it
+    meanwhile, the gate is run again against the new champion). Returns (version, gate, note)."""
+    from recsys_pretrain.tracking import get_alias_version, register_model, set_alias
+
+    with file_lock(root(cfg) / ".promotion.lock"):
+        version = register_model(model_uri, name, tracking_uri)
+        for _ in range(10):
+            champ = get_alias_version(name, "champion", tracking_uri)
+            champ_value, note = champion_value(champ)
+            gate = promotion_gate(value, champ_value, gates)
+            if not gate.passed:
+                break
+            now = get_alias_version(name, "champion", tracking_uri)
+            if (now or {}).get("version") == (champ or {}).get("version"):
+                set_alias(name, "champion", version, tracking_uri)
+                break
+        else:
+            raise RuntimeError(f"{name}: the champion kept moving during promotion; version {version} stays a challenger")
+    return version, gate, note
+
+
 def promote_step(model_name: str, challenger: dict, prepared: str, cfg: RunConfig, tracking_uri: str) -> dict:
     """Register the challenger; move the `champion` alias to it only if it passes the promotion gate."""
-    from recsys_pretrain.tracking import register_model, set_alias, set_run_tags
+    from recsys_pretrain.tracking import set_run_tags
 
     metric = cfg.flow.gates.metric.split("/", 1)[-1]
-    champ_value, note = champion_metric(model_name, prepared, cfg, tracking_uri)
-    gate = promotion_gate(challenger["test"][metric], champ_value, cfg.flow.gates)
-    version = register_model(challenger["model_uri"], model_name, tracking_uri)
-    if gate.passed:
-        set_alias(model_name, "champion", version, tracking_uri)
+    version, gate, note = promote(model_name, challenger["model_uri"], challenger["test"][metric],
+                                  lambda champ: champion_metric(champ, prepared, cfg, tracking_uri),
+                                  cfg.flow.gates, cfg, tracking_uri)
     decision = {"model": model_name, "version": version, "promoted": gate.passed, "reasons": gate.reasons,
                 "note": note, **gate.figures}
     set_run_tags(challenger["run_id"], {"promotion": "promoted" if gate.passed else "rejected",
@@ -203,15 +244,17 @@ def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_i
                    parent_run_id=parent_run_id)
     out = {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
     if res.model_uri:  # registered; `champion` (what `--reranker models:/<prefix>-ranker@champion` loads) if better
-        from recsys_pretrain.tracking import get_alias_version, register_model, run_metrics, set_alias
+        from recsys_pretrain.tracking import run_metrics
 
         name, metric = f"{cfg.flow.registry_prefix}-ranker", "test/click_auc"
-        champ = get_alias_version(name, "champion", tracking_uri)
-        champ_value = run_metrics(champ["run_id"], tracking_uri).get(metric) if champ else None
-        gate = promotion_gate(res.test["click_auc"], champ_value, dataclasses.replace(cfg.flow.gates, metric=metric))
-        version = register_model(res.model_uri, name, tracking_uri)
-        if gate.passed:
-            set_alias(name, "champion", version, tracking_uri)
+
+        def logged(champ: dict | None) -> tuple[float | None, str]:
+            if champ is None:
+                return None, "no champion"
+            return run_metrics(champ["run_id"], tracking_uri).get(metric), f"champion v{champ['version']}'s logged {metric}"
+
+        version, gate, _ = promote(name, res.model_uri, res.test["click_auc"], logged,
+                                   dataclasses.replace(cfg.flow.gates, metric=metric), cfg, tracking_uri)
         out["registered"] = {"model": name, "version": version, "promoted": gate.passed, "reasons": gate.reasons}
     return out
 
@@ -240,6 +283,7 @@ def publish_index_step(cfg: RunConfig, tracking_uri: str, parent_run_id: str | N
 
 
 def summary_markdown(result: dict, tracking_uri: str) -> str:
+    tracking_uri = redact_uri(tracking_uri)  # never a password in a summary or a Prefect artifact
     lines = ["# Nightly recsys-pretrain run", "", f"MLflow: `{tracking_uri}`, parent run `{result.get('mlflow_run_id')}`",
              f"(open with `mlflow ui --backend-store-uri {tracking_uri}`)", ""]
     if result.get("stopped"):
@@ -267,7 +311,7 @@ def where_things_are(cfg: RunConfig, tracking_uri: str, sample_k: int = 5) -> st
     from recsys_pretrain.tracking import get_alias_version, run_metrics
 
     lines = ["## Where things are", "",
-             f"MLflow UI on this store: `mlflow ui --backend-store-uri {tracking_uri} --port 5000`, then open "
+             f"MLflow UI on this store: `mlflow ui --backend-store-uri {redact_uri(tracking_uri)} --port 5000`, then open "
              "http://127.0.0.1:5000", "", "Champions (registered models, alias `champion`):"]
     for model in (*cfg.flow.models, "ranker"):
         name = f"{cfg.flow.registry_prefix}-{model}"

@@ -13,6 +13,7 @@ fallback. Scores are the model's own (an inner product), or the re-ranker's when
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
+from recsys_pretrain import privacy
 from recsys_pretrain.config import IndexConfig
 from recsys_pretrain.index import (
     IndexMismatchError,
@@ -74,7 +76,7 @@ class Recommender:
                  user_vectors: np.ndarray, histories: sp.csr_matrix, popularity: np.ndarray, *,
                  categories: np.ndarray | None = None, category_names: list[str] | None = None,
                  reranker: Reranker | None = None, reranker_name: str | None = None, rerank_pool: int = 100,
-                 max_k: int = DEFAULT_MAX_K, source: dict | None = None):
+                 max_k: int = DEFAULT_MAX_K, source: dict | None = None, user_key: bytes | None = None):
         if index.n_items != vocab.n_items:
             raise IndexMismatchError(f"index has {index.n_items} items, the model's vocabulary {vocab.n_items}")
         if user_vectors.shape != (vocab.n_users, index.dim):
@@ -95,13 +97,16 @@ class Recommender:
         self.reranker, self.reranker_name, self.rerank_pool = reranker, reranker_name, rerank_pool
         self.max_k = max_k
         self.source = source or {}
+        # privacy: with the key user ids were pseudonymised with at ingest, callers' raw ids are hashed first
+        self._user_key = user_key
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
     def load(cls, model: str | Path, index: str | Path | None = None, *, tracking_uri: str | None = None,
              categories: str | Path | None = None, reranker: Reranker | None = None,
              reranker_name: str | None = None, rerank_pool: int = 100, max_k: int = DEFAULT_MAX_K,
-             index_config: IndexConfig | None = None, cache_dir: str | Path | None = None) -> Recommender:
+             index_config: IndexConfig | None = None, cache_dir: str | Path | None = None,
+             user_key: bytes | None = None) -> Recommender:
         """A model (directory, MLflow run id, runs:/RUN_ID or models:/NAME@ALIAS) with its index directory,
         which must have been built from this model's item vectors (checked); without one, an exact index
         is built in memory. `categories`: a table with item_id and category_id columns (e.g. the ingested
@@ -124,9 +129,16 @@ class Recommender:
         return cls(net, meta, vocab, item_index, np.load(model_dir / "user_embeddings.npy"),
                    sp.load_npz(model_dir / "histories.npz"), np.load(model_dir / "popularity.npy"),
                    categories=cats, category_names=names, reranker=reranker, reranker_name=reranker_name,
-                   rerank_pool=rerank_pool, max_k=max_k,
+                   rerank_pool=rerank_pool, max_k=max_k, user_key=user_key,
                    source={"model": str(model), "model_dir": str(model_dir),
                            "index": str(index) if index is not None else None})
+
+    def with_user_key(self, key: bytes | None) -> Recommender:
+        """This recommender (sharing its arrays) taking raw user ids hashed with `key`, the key the data was
+        pseudonymised with (privacy.load_key); None: user ids are looked up as given."""
+        other = copy.copy(self)
+        other._user_key = key
+        return other
 
     def metadata(self) -> dict[str, Any]:
         m = self.index.meta
@@ -146,10 +158,14 @@ class Recommender:
     def recommend(self, user_ids: Sequence, k: int = 10, *, category: str | None = None,
                   exclude_seen: bool = True) -> list[Answer]:
         """Top-k unseen items for each known user (their trained vector as the query); popular items,
-        flagged `fallback="unknown_user"`, for a user the model does not know."""
+        flagged `fallback="unknown_user"`, for a user the model does not know. With a user key
+        (`load(user_key=...)`, `with_user_key`) the ids are raw ones, hashed as ingest hashed them."""
         k = self._check_k(k)
         allowed = self._allowed(category)
-        users = self._users.index(list(user_ids))  # (b,) -1 = unknown
+        lookup = list(user_ids)
+        if self._user_key is not None:  # privacy: the vocabulary holds tokens; hash the raw ids the same way
+            lookup = privacy.pseudonymise_ids(lookup, self._user_key)
+        users = self._users.index(lookup)  # (b,) -1 = unknown
         known = np.flatnonzero(users >= 0)
         answers: list[Answer | None] = [None] * len(users)
         if len(known):

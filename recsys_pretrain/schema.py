@@ -43,8 +43,9 @@ DEFAULT_EVENT_ALIASES: dict[str, str] = {
 
 # Reasons a row is quarantined, in the order they are checked (a row gets the first that applies).
 REASONS = (
+    "malformed_row",  # the row's structure: unbalanced quote, not JSON, a `::` separator out of place
+    "extra_fields",  # more non-empty fields than the file has columns
     "empty_row",
-    "malformed_row",
     "missing_user_id",
     "missing_item_id",
     "bad_user_id",
@@ -63,6 +64,7 @@ REASONS = (
 REASON_FIELD = {
     "empty_row": None,
     "malformed_row": None,
+    "extra_fields": None,
     "missing_user_id": USER_ID,
     "bad_user_id": USER_ID,
     "missing_item_id": ITEM_ID,

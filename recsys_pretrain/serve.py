@@ -4,34 +4,54 @@
     POST /recommend  {"history": [...], "k": 10}  an anonymous session (oldest item first)
     GET  /similar/{item_id}?k=10                 items near an item
     GET  /health, GET /metadata                  liveness; the model, index, recall and limits served
-    POST /admin/reload                           load the model and index again and swap them in
+    POST /admin/reload                           load the model and index again and swap them in (admin)
     GET  /docs, /openapi.json                    the OpenAPI description
 
 Every error is JSON `{"error": "<field>: <what is wrong>"}` with a 4xx status (malformed JSON 400, a bad
-field 422, an unknown item 404, a body over the limit 413).
+field 422, an unknown item 404, a body over the limit 413, headers too slow 408, headers too large 431); a
+422 quotes at most a short excerpt of the input, never the input itself.
+
+Admin: `Authorization: Bearer <token>` with `serve.admin_token` or $RECSYS_ADMIN_TOKEN (compared in constant
+time). With no token set, the admin routes answer only when the server is bound to loopback, and 403
+otherwise. Admins also see filesystem paths (in /metadata and reload errors); others see them redacted.
 
 A new index is swapped in without dropping a request: each request reads the current `Recommender` once
 and uses that object to the end, while a reload builds the replacement beside it and then replaces one
 reference. The old object lives on until its last request returns.
+
+Slow clients: uvicorn times out only idle keep-alive connections, so a client sending its headers a byte at
+a time would hold a connection (and a `limit_concurrency` slot) forever. `_DeadlineH11Protocol` gives the
+headers `serve.header_timeout_s` and the body `serve.body_timeout_s`.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time, and
 # some of them (the request model, the k bound) are built from the config inside create_app.
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
+import math
+import os
+import re
+import reprlib
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import h11
 from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from recsys_pretrain.config import ServeConfig
 from recsys_pretrain.recommend import Answer, Recommender
@@ -42,10 +62,17 @@ log = logging.getLogger(__name__)
 class RecommenderHolder:
     """The served Recommender behind one reference; `reload()` builds a new one and swaps it in."""
 
-    def __init__(self, loader: Callable[[], Recommender], watch: str | Path | None = None):
+    def __init__(self, loader: Callable[[], Recommender], watch: str | Path | None = None,
+                 on_close: Callable[[], None] | None = None):
         self._loader = loader
+        self._on_close = on_close  # e.g. remove the download cache; also run when the first load fails
         self._lock = threading.Lock()  # one reload at a time; readers never take it
-        self._state = (loader(), 1)  # (recommender, version): swapped as one reference
+        try:
+            self._state = (loader(), 1)  # (recommender, version): swapped as one reference
+        except BaseException:
+            if on_close is not None:
+                on_close()
+            raise
         self.loaded_at = time.time()
         self.last_error: str | None = None
         self._watch = Path(watch) if watch is not None else None
@@ -113,11 +140,21 @@ class RecommenderHolder:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        # not while a reload is downloading into the cache; a reload stuck past a minute is left to it
+        if self._lock.acquire(timeout=60):
+            try:
+                if self._on_close is not None:
+                    self._on_close()
+                    self._on_close = None
+            finally:
+                self._lock.release()
+        else:
+            log.warning("a reload is still running: its download cache is left in place")
 
 
 class ItemOut(BaseModel):
     item_id: int | str
-    score: float
+    score: float | None = Field(description="null when the re-ranker gave no finite score")
 
 
 class AnswerOut(BaseModel):
@@ -140,56 +177,280 @@ def _answer(rec: Recommender, ans: Answer, version: int, **query: Any) -> Respon
     # as the search itself). `reranker` null says the fine-tuned ranker is absent.
     body = {**query, **ans.to_dict(), "reranker": rec.reranker_name if rec.reranker is not None else None,
             "index_version": version}
+    for item in body["items"]:  # NaN / inf is not JSON: a re-ranker without an opinion on an item
+        if not math.isfinite(item["score"]):
+            item["score"] = None
     return Response(json.dumps(body, default=str), media_type="application/json")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+
+
+# ---- what a client may see ----------------------------------------------------------------------------------
+EXCERPT_CHARS = 100  # at most this much of a bad input is quoted back
+MAX_ERRORS = 10  # validation errors listed in one answer
+REDACTED = "<redacted>"
+_excerpt_repr = reprlib.Repr()
+_excerpt_repr.maxstring = _excerpt_repr.maxother = EXCERPT_CHARS
+_excerpt_repr.maxlist = _excerpt_repr.maxdict = _excerpt_repr.maxtuple = 10
+# URIs with a scheme and `//` (file:, sqlite:, postgresql://user:password@...), and absolute paths not
+# preceded by a scheme's `:` (so models:/NAME@ALIAS and runs:/ID stay readable)
+_URI = re.compile(r"\b[A-Za-z][\w+.-]*://[^\s'\"]*")
+_ABS_PATH = re.compile(r"(?<![\w:/.~@<-])~?/[^\s'\",;:)\]}]+")
+
+
+def _excerpt(value: Any) -> str:
+    """A short quotation of a client's input: NaN, inf and a megabyte of text all become a few characters."""
+    text = _excerpt_repr.repr(value)
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+def redact(text: str) -> str:
+    """`text` without filesystem paths or URIs (which may carry a store's credentials)."""
+    return _ABS_PATH.sub(REDACTED, _URI.sub(REDACTED, text))
+
+
+def _is_mlflow_ref(source: str) -> bool:
+    return source.startswith(("models:/", "runs:/")) or re.fullmatch(r"[0-9a-f]{32}", source) is not None
+
+
+def public_metadata(meta: dict) -> dict:
+    """Recommender.metadata() for a client that is not an admin: where things are on disk is left out."""
+    src = meta.get("source") or {}
+    model = str(src.get("model") or "")
+    out = {**meta, "source": {"model": model if _is_mlflow_ref(model) else REDACTED,
+                              "model_dir": REDACTED if src.get("model_dir") else None,
+                              "index": REDACTED if src.get("index") else None}}
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, str):
+            return redact(x)
+        if isinstance(x, dict):
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(out)
 
 
 def _field(loc: tuple) -> str:
-    # ("query", "k") -> "k"; ("body", "history", 3) -> "history[3]"; ("body",) -> "body"
+    # ("query", "k") -> "k"; ("body", "history", 3) -> "history[3]"; ("body",) -> "body". A name comes from
+    # the client (an extra key): cut short.
     parts = [p for p in loc if p not in ("query", "path", "body")] or list(loc[:1])
     out = ""
     for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        p = p if isinstance(p, int) else str(p)[:50]
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
     return out
 
 
-class BodyLimit:
-    """Refuse a request whose declared body is over `limit` bytes before reading it (plain ASGI: no
-    per-request task like Starlette's BaseHTTPMiddleware). A chunked body declares no size; the history's
-    max_length still bounds what such a request can ask for."""
+def _validation_error(errors: list[dict]) -> JSONResponse:
+    """422 naming each bad field with a short excerpt of what was sent; the input itself is never echoed
+    (it may be a megabyte, or NaN / inf, which JSON cannot carry)."""
+    detail = []
+    for e in errors[:MAX_ERRORS]:
+        item = {"field": _field(tuple(e.get("loc", ()))), "type": e.get("type"), "msg": str(e.get("msg"))}
+        if "input" in e:
+            item["input"] = _excerpt(e["input"])
+        detail.append(item)
+    msgs = [f"{d['field']}: {d['msg']}" + (f" (got {d['input']})" if "input" in d else "") for d in detail]
+    if len(errors) > MAX_ERRORS:
+        msgs.append(f"and {len(errors) - MAX_ERRORS} more")
+    return JSONResponse(status_code=422, content={"error": "; ".join(msgs), "detail": detail})
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+
+def _not_bool(value: Any) -> Any:
+    # JSON `true` is an int to pydantic's lax mode (k=1, item id 1): refused instead.
+    if isinstance(value, bool):
+        raise ValueError("a boolean is not accepted here")
+    return value
+
+
+# ---- admin ------------------------------------------------------------------------------------------------
+ADMIN_TOKEN_ENV = "RECSYS_ADMIN_TOKEN"
+MIN_ADMIN_TOKEN_CHARS = 16
+
+
+def admin_token(cfg: ServeConfig) -> str | None:
+    """The admin token: serve.admin_token, else $RECSYS_ADMIN_TOKEN; None when neither is set."""
+    token = cfg.admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
+    if token is not None and len(token) < MIN_ADMIN_TOKEN_CHARS:
+        raise ValueError(f"serve.admin_token / {ADMIN_TOKEN_ENV}: at least {MIN_ADMIN_TOKEN_CHARS} characters "
+                         "(e.g. `openssl rand -hex 32`)")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (not 0.0.0.0 or '', which are every interface)."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminGuard:
+    """Who may use the admin routes: the holder of the token; with no token, anyone on a loopback-bound
+    server (the local-development default), and nobody otherwise."""
+
+    def __init__(self, token: str | None, host: str):
+        # compared as digests: equal lengths, so the comparison's time tells nothing, the length included
+        self._token = hashlib.sha256(token.encode()).digest() if token is not None else None
+        self._open = token is None and is_loopback(host)
+
+    def refuse(self, request: Request) -> JSONResponse | None:
+        """None when the request may act as an admin, else the error to answer with."""
+        if self._token is None:
+            if self._open:
+                return None
+            return _error(403, f"admin: the admin routes are off: set serve.admin_token or {ADMIN_TOKEN_ENV} "
+                               "(the server is not bound to loopback)")
+        scheme, _, got = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not got.strip():
+            return _error(401, "authorization: an admin token is required (Authorization: Bearer <token>)",
+                          headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(hashlib.sha256(got.strip().encode()).digest(), self._token):
+            return _error(401, "authorization: wrong admin token",
+                          headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return None
+
+    def allows(self, request: Request) -> bool:
+        return self.refuse(request) is None
+
+
+# ---- request limits ---------------------------------------------------------------------------------------
+class RequestLimits:
+    """Refuse headers over `header_limit` bytes (431; h11's own limit binds only headers that arrive in
+    pieces) and a body over `limit` bytes: at once when its content-length says so, else (a chunked body
+    declares no size) while it is read, with 413 as soon as the count passes the limit. Plain ASGI: no
+    per-request task like Starlette's BaseHTTPMiddleware."""
+
+    def __init__(self, app, limit: int, header_limit: int):
+        self.app, self.limit, self.header_limit = app, limit, header_limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            size = dict(scope["headers"]).get(b"content-length")
-            if size is not None:
-                if not size.isdigit():
-                    return await _error(400, "content-length: not a number")(scope, receive, send)
-                if int(size) > self.limit:
-                    msg = f"body: {int(size)} bytes is over the limit of {self.limit}"
-                    return await _error(413, msg)(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        head = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+        head += sum(len(k) + len(v) + 4 for k, v in scope["headers"])  # "k: v\r\n"
+        if head > self.header_limit:
+            msg = f"headers: {head} bytes is over the limit of {self.header_limit}"
+            return await _error(431, msg)(scope, receive, send)
+        size = dict(scope["headers"]).get(b"content-length")
+        if size is not None:
+            if not size.isdigit():
+                return await _error(400, "content-length: not a number")(scope, receive, send)
+            if int(size) > self.limit:
+                msg = f"body: {int(size)} bytes is over the limit of {self.limit}"
+                return await _error(413, msg)(scope, receive, send)
+        received, over, replaced = 0, "", False
+
+        async def counted_receive():
+            nonlocal received, over
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    over = f"body: over the limit of {self.limit} bytes"
+                    # FastAPI re-raises an HTTPException met while reading the body; the handler answers it
+                    raise StarletteHTTPException(413, over)
+            return message
+
+        async def guarded_send(message):
+            # Whatever else the app makes of the interrupted read, the client hears 413.
+            nonlocal replaced
+            if over and message["type"] == "http.response.start" and message["status"] != 413:
+                replaced = True
+                return await _error(413, over)(scope, receive, send)
+            if not replaced:
+                await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
+
+
+class _DeadlineH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with read deadlines. uvicorn times out an idle keep-alive connection only,
+    and any byte received cancels that timer: a client sending its headers (or its body) a byte at a time
+    holds a connection forever. Here a request's line and headers must be in within `header_timeout_s` of
+    the connection (first request) or of the request's first byte (later ones), else 408 and the
+    connection is closed; its body must then be in within `body_timeout_s`, else the connection is closed.
+    make_server subclasses this with the config's values."""
+
+    header_timeout_s = 10.0
+    body_timeout_s = 30.0
+
+    def connection_made(self, transport) -> None:
+        self._deadline: Any = None  # asyncio.TimerHandle
+        self._phase = ""
+        super().connection_made(transport)
+        self._arm("headers", self.header_timeout_s)
+
+    def data_received(self, data: bytes) -> None:
+        if self._deadline is None and self.conn.their_state is h11.IDLE:  # a new request after keep-alive
+            self._arm("headers", self.header_timeout_s)
+        super().data_received(data)
+        self._follow()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may parse a pipelined request
+        self._follow()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _follow(self) -> None:
+        state = self.conn.their_state
+        if state is h11.SEND_BODY:
+            if self._phase != "body":
+                self._arm("body", self.body_timeout_s)
+        elif state is not h11.IDLE:  # DONE (read in full), or closing / closed / in error
+            self._disarm()
+
+    def _arm(self, phase: str, seconds: float) -> None:
+        self._disarm()
+        if seconds > 0:
+            self._phase = phase
+            self._deadline = self.loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._phase = None, ""
+
+    def _expired(self) -> None:
+        phase = self._phase
+        self._deadline, self._phase = None, ""
+        if self.transport.is_closing():
+            return
+        if phase == "headers" and self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
+            body = json.dumps({"error": f"headers: not received within {self.header_timeout_s:g} s"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.logger.info("closing a connection whose %s did not arrive in time", phase or "request")
+        self.transport.close()
 
 
 def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
+    guard = AdminGuard(admin_token(cfg), cfg.host)
     app = FastAPI(title="recsys-pretrain candidates",
                   description="Candidates from the pretrained model's FAISS index, in raw ids, seen items "
                               "excluded. See recsys_pretrain/serve.py.", version="1")
+    ItemId = Annotated[int | str, BeforeValidator(_not_bool)]
 
     class HistoryRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        history: list[int | str] = Field(max_length=cfg.max_history,
-                                         description="raw item ids, oldest first; unknown ones are ignored")
-        k: int = Field(cfg.default_k, ge=1, le=cfg.max_k)
-        category: str | None = None
+        history: list[ItemId] = Field(max_length=cfg.max_history,
+                                      description="raw item ids, oldest first; unknown ones are ignored")
+        k: Annotated[int, BeforeValidator(_not_bool)] = Field(cfg.default_k, ge=1, le=cfg.max_k)
+        category: str | None = Field(None, max_length=200)
 
-    app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
+    app.add_middleware(RequestLimits, limit=cfg.max_body_bytes, header_limit=cfg.max_header_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -197,12 +458,19 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
         if any(e.get("type") == "json_invalid" for e in errors):
             msg = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
             return _error(400, f"body: malformed JSON ({msg})")
-        msgs = [f"{_field(tuple(e['loc']))}: {e['msg']}" for e in errors]
-        return JSONResponse(status_code=422, content={"error": "; ".join(msgs), "detail": jsonable_encoder(errors)})
+        return _validation_error(list(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # Logged by uvicorn with its traceback; the client learns nothing about the server's insides.
+        return _error(500, "internal: the server failed to answer this request (see its log)")
+
+    def client_error(status: int, exc: Exception) -> JSONResponse:
+        return _error(status, _excerpt_text(redact(str(exc))))
 
     K = Annotated[int, Query(ge=1, le=cfg.max_k, description=f"how many items (1..{cfg.max_k})")]
     Category = Annotated[str | None, Query(max_length=200, description="only items of this category")]
@@ -215,7 +483,7 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
         try:
             (ans,) = rec.recommend([user_id], k, category=category)
         except ValueError as exc:
-            return _error(422, str(exc))
+            return client_error(422, exc)
         return _answer(rec, ans, version, user_id=user_id, k=k)
 
     @app.post("/recommend", summary="top-k for an anonymous history", response_model=None,
@@ -225,7 +493,7 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
         try:
             (ans,) = rec.recommend_for_history([req.history], req.k, category=req.category)
         except ValueError as exc:
-            return _error(422, str(exc))
+            return client_error(422, exc)
         return _answer(rec, ans, version, k=req.k)
 
     @app.get("/similar/{item_id}", summary="items similar to an item", response_model=None,
@@ -236,27 +504,33 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
         try:
             (ans,) = rec.similar_items([item_id], k, category=category)
         except ValueError as exc:
-            return _error(422, str(exc))
+            return client_error(422, exc)
         if ans.fallback == "unknown_item":
-            return _error(404, f"item_id: unknown item {item_id!r}")
+            return _error(404, f"item_id: unknown item {_excerpt(item_id)}")
         return _answer(rec, ans, version, item_id=item_id, k=k)
 
     @app.get("/health", summary="liveness and what is loaded")
-    def health():
+    def health(request: Request):
         rec = holder.current
+        error = holder.last_error
+        if error is not None and not guard.allows(request):
+            error = f"{error.split(':', 1)[0]} (the details need the admin token)"
         return {"status": "ok", "items": rec.index.n_items, "users": rec.vocab.n_users,
                 "index": rec.index.meta.get("resolved_factory"), "index_version": holder.version,
-                "loaded_at": holder.loaded_at, "last_reload_error": holder.last_error}
+                "loaded_at": holder.loaded_at, "last_reload_error": error}
 
-    @app.get("/metadata", summary="the model, the index and its measured recall, the limits")
-    def metadata():
+    @app.get("/metadata", summary="the model, the index and its measured recall, the limits (paths: admins)")
+    def metadata(request: Request):
         rec = holder.current
-        return jsonable_encoder({**rec.metadata(), "index_version": holder.version, "limits": {
+        meta = rec.metadata() if guard.allows(request) else public_metadata(rec.metadata())
+        return jsonable_encoder({**meta, "index_version": holder.version, "limits": {
             "default_k": cfg.default_k, "max_k": cfg.max_k, "max_history": cfg.max_history,
             "max_body_bytes": cfg.max_body_bytes}})
 
-    @app.post("/admin/reload", summary="load the model and index again and swap them in")
-    def reload():
+    @app.post("/admin/reload", summary="load the model and index again and swap them in (admin token)")
+    def reload(request: Request):
+        if (refused := guard.refuse(request)) is not None:
+            return refused
         try:
             return holder.reload()
         except Exception as exc:  # the old index keeps serving
@@ -265,6 +539,11 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
     return app
 
 
+def _excerpt_text(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
 def sources(cfg: ServeConfig) -> tuple[str, str | None]:
     """(model, index) to load. `serve.index` may be a pointer file (`.json`, as the nightly flow publishes:
     {"model", "run_id", "path"}) naming both; its run id pins the model version the index was built from."""
@@ -284,34 +563,117 @@ def sources(cfg: ServeConfig) -> tuple[str, str | None]:
     return cfg.model, cfg.index
 
 
-def load_recommender(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommender:
-    """The Recommender the config names: model, index (or pointer file), categories, re-ranker."""
+def trusted_reranker(uri: str, trusted: tuple[str, ...]) -> tuple[str, str | None, str | None]:
+    """(name, alias, version), one of the last two None, of a re-ranker URI naming a trusted registered
+    model; else ValueError.
+
+    A re-ranker is an MLflow pyfunc, and loading one unpickles (cloudpickle) and so runs whatever code it
+    was logged with. Whoever can register a version or move an alias of a trusted name can therefore run
+    code in the service: restrict that in MLflow (its basic-auth permissions). Run ids, runs:/ URIs, paths,
+    logged-model ids (models:/m-...) and other names are refused."""
+    why = (f"serve.reranker: {uri!r} is refused: loading a re-ranker runs its code, so only a registered "
+           f"model named in serve.trusted_reranker_names ({', '.join(trusted) or 'none'}) is loaded, as "
+           "models:/NAME@ALIAS or models:/NAME/VERSION")
+    if not uri.startswith("models:/"):
+        raise ValueError(why)
+    rest = uri[len("models:/"):]
+    name, sep, alias = rest.partition("@")
+    if sep:
+        version = None
+    else:
+        name, sep, version = rest.rpartition("/")
+        alias = None
+        if not sep or not version.isdigit():
+            raise ValueError(why)
+    if not name or not (alias or version) or name not in trusted:
+        raise ValueError(why)
+    return name, alias, version
+
+
+def load_recommender(cfg: ServeConfig, tracking_uri: str | None = None, *, cache_dir: str | Path | None = None,
+                     rerankers: dict | None = None) -> Recommender:
+    """The Recommender the config names: model, index (or pointer file), categories, re-ranker.
+
+    MLflow models are downloaded into `cache_dir` (else serve.cache_dir, else a temp directory removed once
+    the model is in memory). `rerankers` keeps the loaded re-ranker by registered version between calls, so
+    a reload downloads and unpickles one only when its alias has moved."""
     model, index = sources(cfg)  # read each time: the pointer may have moved
     reranker = None
     if cfg.reranker:
-        from recsys_pretrain.recommend import pyfunc_reranker
-        from recsys_pretrain.tracking import load_pyfunc
+        reranker = _load_reranker(cfg, tracking_uri, rerankers)
+    cache = cache_dir if cache_dir is not None else cfg.cache_dir
+    tmp = tempfile.TemporaryDirectory(prefix="recsys-model-") if cache is None else None
+    try:
+        return Recommender.load(model, index, tracking_uri=tracking_uri, categories=cfg.categories,
+                                reranker=reranker, reranker_name=cfg.reranker, rerank_pool=cfg.rerank_pool,
+                                max_k=cfg.max_k, cache_dir=tmp.name if tmp is not None else cache)
+    finally:
+        if tmp is not None:  # everything is read into memory by now
+            tmp.cleanup()
 
-        if not tracking_uri:
-            raise ValueError("serve.reranker: an MLflow model URI needs a tracking_uri")
-        reranker = pyfunc_reranker(load_pyfunc(cfg.reranker, tracking_uri), cfg.reranker_column)
-    return Recommender.load(model, index, tracking_uri=tracking_uri, categories=cfg.categories,
-                            reranker=reranker, reranker_name=cfg.reranker, rerank_pool=cfg.rerank_pool,
-                            max_k=cfg.max_k, cache_dir=cfg.cache_dir)
+
+def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict | None):
+    from recsys_pretrain.recommend import pyfunc_reranker
+    from recsys_pretrain.tracking import get_alias_version, load_pyfunc
+
+    name, alias, version = trusted_reranker(cfg.reranker, cfg.trusted_reranker_names)
+    if not tracking_uri:
+        raise ValueError("serve.reranker: an MLflow model URI needs a tracking_uri")
+    if alias is not None:
+        found = get_alias_version(name, alias, tracking_uri)
+        if found is None:
+            raise FileNotFoundError(f"serve.reranker: no registered model {name!r} with alias {alias!r}")
+        version = str(found["version"])
+    key = (name, version)
+    if rerankers is not None and key in rerankers:
+        return rerankers[key]
+    # the version itself, not the alias: what was checked is what is loaded, even if the alias moves now
+    reranker = pyfunc_reranker(load_pyfunc(f"models:/{name}/{version}", tracking_uri), cfg.reranker_column)
+    if rerankers is not None:
+        rerankers.clear()  # only the one served is kept
+        rerankers[key] = reranker
+    return reranker
+
+
+def _prune_cache(cache: Path, rec: Recommender) -> None:
+    """Remove the cache's downloads other than the served model's (it is in memory; they are old runs)."""
+    model_dir = rec.source.get("model_dir")
+    keep = Path(model_dir).parent.resolve() if model_dir else None
+    for entry in cache.iterdir():
+        if entry.resolve() != keep:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> RecommenderHolder:
-    """The Recommender the config names, behind a holder that can reload it (and watch its index)."""
+    """The Recommender the config names, behind a holder that can reload it (and watch its index).
+
+    MLflow downloads go to serve.cache_dir, or to one temp directory for the holder's lifetime: a reload of
+    the same run finds it there, older runs are pruned after each load, and close() removes it."""
     sources(cfg)  # a bad configuration fails here, before anything loads
+    if cfg.reranker:
+        trusted_reranker(cfg.reranker, cfg.trusted_reranker_names)
+    admin_token(cfg)
+
+    own_cache = cfg.cache_dir is None
+    cache = Path(tempfile.mkdtemp(prefix="recsys-serve-cache-")) if own_cache else Path(cfg.cache_dir)
+    rerankers: dict = {}
 
     def load() -> Recommender:
-        return load_recommender(cfg, tracking_uri)
+        rec = load_recommender(cfg, tracking_uri, cache_dir=cache, rerankers=rerankers)
+        if own_cache:
+            _prune_cache(cache, rec)
+        return rec
+
+    def close() -> None:
+        rerankers.clear()
+        if own_cache:
+            shutil.rmtree(cache, ignore_errors=True)
 
     if cfg.faiss_threads > 0:
         import faiss
 
         faiss.omp_set_num_threads(cfg.faiss_threads)
-    holder = RecommenderHolder(load, watch=cfg.index)
+    holder = RecommenderHolder(load, watch=cfg.index, on_close=close)
     holder.watch(cfg.reload_poll_s)
     return holder
 
@@ -319,8 +681,12 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
 def make_server(app: FastAPI, cfg: ServeConfig):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info",
-                                         access_log=cfg.access_log, timeout_graceful_shutdown=10))
+    protocol = type("DeadlineH11Protocol", (_DeadlineH11Protocol,),
+                    {"header_timeout_s": cfg.header_timeout_s, "body_timeout_s": cfg.body_timeout_s})
+    return uvicorn.Server(uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
+        timeout_graceful_shutdown=10, http=protocol, timeout_keep_alive=cfg.keep_alive_s,
+        h11_max_incomplete_event_size=cfg.max_header_bytes, limit_concurrency=cfg.limit_concurrency or None))
 
 
 def serve(cfg: ServeConfig, tracking_uri: str | None = None) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -38,6 +39,8 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH
 
+from recsys_pretrain.io import pid_alive as _pid_alive
+
 __all__ = [
     "MAX_PARAM_CHARS",
     "MLflowTracker",
@@ -51,6 +54,7 @@ __all__ = [
     "git_commit",
     "load_pyfunc",
     "pip_requirements",
+    "redact_uri",
     "register_model",
     "resolve_tracking_uri",
     "run_metrics",
@@ -66,6 +70,8 @@ _TRUNCATED = "...[truncated]"
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 _DEFAULT_DB = "mlflow.db"
+# Who started a run: a later run on the same host ends it as KILLED when that process is gone.
+HOST_TAG, PID_TAG = "recsys.host", "recsys.pid"
 _ARTIFACT_DIR = "mlartifacts"
 
 # Packages a served model needs; pinned to what is installed so the logged environment is reproducible.
@@ -86,6 +92,19 @@ def resolve_tracking_uri(uri: str | None = None, data_dir: str | Path = "data") 
     root = Path(data_dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / _DEFAULT_DB}"
+
+
+def redact_uri(uri: str) -> str:
+    """A tracking URI without credentials (`https://user:secret@host` -> `https://***@host`), for what is
+    written into summaries and artifacts."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[-1]))
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -367,14 +386,17 @@ class MLflowTracker:
         The run ends FINISHED, or FAILED when the block raises.
         """
         _activate(self.tracking_uri)
+        exp_id = self.experiment_id(experiment)
+        self.end_orphaned_runs(exp_id)
         run_tags = {safe_key(k): _stringify(v) for k, v in (tags or {}).items()}
+        run_tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
         commit = self._commit
         if commit and MLFLOW_GIT_COMMIT not in run_tags:
             run_tags[MLFLOW_GIT_COMMIT] = commit
         # With an explicit parent MLflow still refuses a second active run in this thread unless nested=True.
         nested = nested or parent_run_id is not None
         with mlflow.start_run(
-            experiment_id=self.experiment_id(experiment),
+            experiment_id=exp_id,
             run_name=run_name,
             nested=nested,
             parent_run_id=parent_run_id,
@@ -387,6 +409,23 @@ class MLflowTracker:
                 yield run.info.run_id
             finally:
                 self._stack.pop()
+
+    def end_orphaned_runs(self, experiment_id: str) -> list[str]:
+        """Mark KILLED the runs of `experiment_id` still RUNNING whose process, started on this host, is
+        gone (killed before it could end its run). Runs of live processes and of other hosts are left
+        alone. Returns the ids it ended."""
+        host, ended = socket.gethostname(), []
+        running = self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                          max_results=1000)
+        for run in running:
+            tags = run.data.tags
+            pid = tags.get(PID_TAG, "")
+            if tags.get(HOST_TAG) != host or not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            self.client.set_tag(run.info.run_id, "ended_by", f"a later run: process {pid} was gone")
+            self.client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+        return ended
 
     # -- logging
 
@@ -770,6 +809,13 @@ def set_run_tags(run_id: str, tags: dict, tracking_uri: str) -> None:
     client = _client(tracking_uri)
     for k, v in tags.items():
         client.set_tag(run_id, safe_key(k), _truncate(_stringify(v), 5000))
+
+
+def champion_trained_at(run_id: str, tracking_uri: str):
+    """When the run started (an aware UTC datetime): what a model trained in it may have learnt from."""
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(_client(tracking_uri).get_run(run_id).info.start_time / 1000, tz=UTC)
 
 
 def run_metrics(run_id: str, tracking_uri: str) -> dict[str, float]:

@@ -1,15 +1,28 @@
-"""No Docker engine here: check that everything docker/compose.yaml names exists in the project."""
+"""No Docker engine here: check that everything docker/compose.yaml names exists in the project, that its
+secrets come from the uncommitted docker/.env, that only the candidate service is published, and (where a
+compose CLI is installed) that `compose config` accepts it."""
 
 import re
+import secrets
 import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "docker" / "compose.yaml"
+COMPOSE_UI = ROOT / "docker" / "compose.ui.yaml"  # the UIs on loopback: an override file
+ENV_EXAMPLE = ROOT / "docker" / ".env.example"
 EXTERNAL_IMAGES = {"postgres:16", "prefecthq/prefect:3-python3.11"}
 IMAGE_ENV = {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}  # read by the postgres image itself
+LONG_RUNNING = {"postgres", "mlflow", "prefect-server", "prefect-worker", "serve"}
+SECRET = re.compile(r"PASSWORD|SECRET|TOKEN|AUTH_STRING")
+CREDENTIALS_IN_URI = re.compile(r"://[^/\s]*:[^/\s]*@")
+INTERPOLATION = re.compile(r"\$\{(\w+)(:?[-?])?([^}]*)\}")
 
 
 def _services():
@@ -60,13 +73,28 @@ def test_every_command_exists():
                     assert (ROOT / dep["parameters"]["config"]).exists()
 
 
+def _tool_env() -> set[str]:
+    """Environment variables MLflow (its settings and its CLI's options) and Prefect (its settings) read."""
+    import mlflow
+    import mlflow.environment_variables as mev
+    from prefect.settings import Settings
+    from prefect.settings.legacy import _get_valid_setting_names
+
+    names = {v.name for v in vars(mev).values() if isinstance(getattr(v, "name", None), str)}
+    cli = Path(mlflow.__file__).parent / "cli" / "__init__.py"
+    names |= set(re.findall(r'envvar="(\w+)"', cli.read_text()))
+    return names | set(_get_valid_setting_names(Settings))
+
+
 def test_every_environment_variable_is_read_somewhere():
     import prefect.settings
 
     code = "\n".join(p.read_text() for p in [*ROOT.glob("recsys_pretrain/**/*.py"), *ROOT.glob("flows/*.py")])
-    for name, svc in _services().items():
+    tools = _tool_env()
+    ui = yaml.safe_load(COMPOSE_UI.read_text())["services"]
+    for name, svc in [*_services().items(), *ui.items()]:
         for var in svc.get("environment", {}):
-            known = var in code or var in IMAGE_ENV or hasattr(prefect.settings, var)
+            known = var in code or var in IMAGE_ENV or hasattr(prefect.settings, var) or var in tools
             assert known, f"{name}: {var} is read by nothing in the project or its tools"
 
 
@@ -80,5 +108,101 @@ def test_services_are_wired_and_health_checked():
             assert vol.split(":")[0] in spec["volumes"], f"{name}: undeclared volume {vol}"
         if name != "prefect-worker":
             assert "healthcheck" in svc, f"{name} has no health check"
-    assert {"postgres", "mlflow", "prefect-server", "prefect-worker", "serve"} <= set(services)
-    assert "postgresql" in " ".join(services["mlflow"]["command"])
+    assert LONG_RUNNING <= set(services)
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
+    for name in LONG_RUNNING:
+        assert services[name].get("restart") in ("always", "unless-stopped"), f"{name} is not restarted"
+
+
+def _env_example() -> dict[str, str]:
+    lines = [ln.strip() for ln in ENV_EXAMPLE.read_text().splitlines()]
+    return dict(ln.split("=", 1) for ln in lines if ln and not ln.startswith("#"))
+
+
+def test_secrets_come_from_the_uncommitted_env_file():
+    text = "\n".join(ln for ln in COMPOSE.read_text().splitlines() if not ln.lstrip().startswith("#"))
+    example = _env_example()
+    used = {m.group(1): m.group(2) for m in INTERPOLATION.finditer(text)}
+    assert used and set(used) <= set(example), f"not in docker/.env.example: {set(used) - set(example)}"
+    for var, op in used.items():
+        if SECRET.search(var):
+            assert op == ":?", f"${{{var}}} has a default or may be empty: compose must refuse to start without it"
+            assert example[var] == "", f"docker/.env.example commits a value for the secret {var}"
+    for name, svc in _services().items():
+        for var, value in (svc.get("environment") or {}).items():
+            value = str(value)
+            if SECRET.search(var) or CREDENTIALS_IN_URI.search(value):  # a secret, or a URI holding one
+                assert INTERPOLATION.search(value), f"{name}: {var} is written in the file, not taken from .env"
+        for argv in _commands(svc.get("command", [])) if "command" in svc else []:
+            joined = " ".join(argv)
+            assert not CREDENTIALS_IN_URI.search(joined) and "${" not in joined and "--backend-store-uri" not in joined, (
+                f"{name}: a secret on the command line ({joined}): `ps` shows it to every user of the host")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT, check=False)
+    assert ignored.returncode == 0, "docker/.env is not git-ignored"
+    assert subprocess.run(["git", "check-ignore", "-q", "docker/.env.example"], cwd=ROOT, check=False).returncode
+
+
+def test_only_the_service_is_published_and_everything_asks_for_credentials():
+    services = _services()
+    assert [n for n, s in services.items() if s.get("ports")] == ["serve"]
+    assert services["mlflow"]["expose"] and services["prefect-server"]["expose"]
+    for name, svc in yaml.safe_load(COMPOSE_UI.read_text())["services"].items():
+        assert name in services and all(str(p).startswith("127.0.0.1:") for p in svc["ports"]), name
+    # MLflow: its basic-auth app, with the package extra it needs; its clients log in
+    argv = services["mlflow"]["command"]
+    assert argv[argv.index("--app-name") + 1] == "basic-auth"
+    assert '"mlflow[auth]"' in (ROOT / "docker" / "Dockerfile").read_text()
+    assert {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(services["mlflow"]["environment"])
+    assert "PREFECT_SERVER_API_AUTH_STRING" in services["prefect-server"]["environment"]
+    for name in ("prefect-worker", "serve"):
+        env = services[name]["environment"]
+        assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= set(env), name
+    assert "PREFECT_API_AUTH_STRING" in services["prefect-worker"]["environment"]
+    # the service: its admin token from the env file (without one, a non-loopback bind has no admin routes)
+    assert "RECSYS_ADMIN_TOKEN" in services["serve"]["environment"]
+
+
+def _compose_cli() -> list[str] | None:
+    """`docker compose` (v2), else the older `docker-compose` (v1), else None."""
+    if shutil.which("docker"):
+        v2 = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+        if v2.returncode == 0:
+            return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def _compose_config(tmp_path, cli, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`compose config` on copies of the files beside a docker/.env holding `env` (the real docker/.env,
+    if there is one, is never touched)."""
+    (tmp_path / "docker").mkdir(exist_ok=True)
+    text = COMPOSE.read_text()
+    if cli == ["docker-compose"]:  # v1 predates the top-level `name`
+        text = re.sub(r"(?m)^name:.*$", "", text)
+    (tmp_path / "docker" / "compose.yaml").write_text(text)
+    for f in ("compose.ui.yaml", "Dockerfile"):
+        shutil.copy(ROOT / "docker" / f, tmp_path / "docker" / f)
+    (tmp_path / "docker" / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    files = ["-f", "docker/compose.yaml", "-f", "docker/compose.ui.yaml"]
+    return subprocess.run([*cli, *files, "config"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          check=False)
+
+
+def test_compose_config_accepts_the_file_with_an_env_file(tmp_path):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("no docker compose CLI here")
+    env = {k: v or (f"admin:{secrets.token_hex(8)}" if k == "PREFECT_AUTH_STRING" else secrets.token_hex(16))
+           for k, v in _env_example().items()}
+    out = _compose_config(tmp_path, cli, env)
+    assert out.returncode == 0, out.stderr
+    spec = yaml.safe_load(out.stdout)
+    svc = spec["services"]
+    assert svc["serve"]["environment"]["RECSYS_ADMIN_TOKEN"] == env["RECSYS_ADMIN_TOKEN"]
+    assert svc["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"] == (
+        f"postgresql+psycopg2://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/mlflow")
+    for name, s in svc.items():
+        assert env["POSTGRES_PASSWORD"] not in " ".join(map(str, s.get("command") or [])), name
+    # a missing secret stops compose, naming it
+    out = _compose_config(tmp_path, cli, {**env, "RECSYS_ADMIN_TOKEN": ""})
+    assert out.returncode != 0 and "RECSYS_ADMIN_TOKEN" in out.stderr

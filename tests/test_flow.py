@@ -1,6 +1,7 @@
 """The nightly flow under Prefect's test harness, on the tiny config, with a real MLflow store."""
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -19,10 +20,16 @@ from tests.conftest import ROOT
 TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
+def _published(parent):
+    """The one output published in `parent` (its version directories sit beside it, hidden)."""
+    (out,) = [p for p in parent.iterdir() if not p.name.startswith(".")]
+    return out
+
+
 def _first_user(tmp):
     from recsys_pretrain.vocab import Vocab
 
-    prepared = next((tmp / "data" / "tiny" / "prepared").iterdir())
+    prepared = _published(tmp / "data" / "tiny" / "prepared")
     return Vocab.load(prepared / "vocab.json").users[0]
 
 
@@ -125,9 +132,21 @@ def test_quality_gate_stops_a_night_that_looks_wrong(flow_env):
     run = MlflowClient(uri).get_run(third["models"]["mf"]["run_id"])
     assert run.data.tags["init"] == "warm start" and run.data.params["warm_start.item_overlap"] == "1.0"
 
+    # A user is forgotten after the champion was trained: the next night trains from scratch.
+    from recsys_pretrain.data.forget import forget
+
+    cfg = load_config(TINY, [*overrides, "flow.models=[mf]"])
+    prepared = str(_published(tmp / "data" / "tiny" / "prepared"))
+    assert N.warm_start_source("mf", prepared, cfg, uri)[0] is not None
+    ingested = tmp / "data" / "tiny" / "ingested" / Path(prepared).name  # the night the champion learnt from
+    assert forget(ingested, [_first_user(tmp)])["changed"]
+    source, why = N.warm_start_source("mf", prepared, cfg, uri)
+    assert source is None and "forgotten" in why
+
 
 def test_deployment_has_the_configured_schedule():
     dep = nightly.to_deployment(**deployment_kwargs(TINY))
     assert dep.name == "nightly"
     assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * *"]
     assert dep.parameters == {"config": TINY}
+    assert dep.concurrency_limit == 1  # a night that overruns is not joined by the next one

@@ -4,6 +4,7 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from recsys_pretrain.config import IndexConfig, ServeConfig, load_config
 from recsys_pretrain.index import build_model_index
 from recsys_pretrain.recommend import Recommender
-from recsys_pretrain.serve import create_app, make_holder, make_server
+from recsys_pretrain.serve import ADMIN_TOKEN_ENV, create_app, make_holder, make_server
 from recsys_pretrain.train.pretrain import pretrain
 
 STARTUP_S = 30  # bounded waits: a server that does not come up fails the test instead of hanging it
@@ -22,37 +23,55 @@ def _index(model_dir, out, factory):
     return build_model_index(model_dir, out, IndexConfig(factory=factory, tune_queries=50, tune_latency_queries=5))
 
 
-@pytest.fixture(scope="module")
-def served(tiny_prepared, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
+def tiny_mf(prepared, root):
+    """A small MF model directory trained on the tiny log (4 epochs, dim 16)."""
     cfg = load_config(None, ["pretrain.model=mf", "pretrain.mf.dim=16", "pretrain.mf.train.epochs=4",
                              "pretrain.mf.train.progress=false"]).pretrain
-    model_dir = pretrain(tiny_prepared["prepared"], cfg, root / "run").model_dir
-    _index(model_dir, root / "index", "HNSW16")
-    scfg = ServeConfig(model=str(model_dir), index=str(root / "index"), port=0, max_history=50,
-                       max_body_bytes=20_000, categories=str(tiny_prepared["ingested"] / "events.parquet"),
-                       reload_poll_s=0.2)
-    holder = make_holder(scfg)
-    server = make_server(create_app(holder, scfg), scfg)
+    return pretrain(prepared, cfg, root / "run").model_dir
+
+
+@contextmanager
+def running(app, cfg):
+    """uvicorn serving `app` with `cfg`'s limits on a free 127.0.0.1 port, in a thread: yields (server, base
+    URL), and stops it after (bounded waits: a server that does not come up or stop fails the test)."""
+    server = make_server(app, cfg)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # a free port, held by us until uvicorn takes the socket
     port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + STARTUP_S
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10)
-    yield {"client": client, "holder": holder, "model_dir": model_dir, "root": root,
-           "rec": Recommender.load(model_dir, root / "index")}
-    client.close()
-    server.should_exit = True
-    thread.join(timeout=15)
-    holder.close()
-    sock.close()
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
     assert not thread.is_alive(), "uvicorn did not stop"
+
+
+@pytest.fixture(scope="module")
+def served(tiny_prepared, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir = tiny_mf(tiny_prepared["prepared"], root)
+    _index(model_dir, root / "index", "HNSW16")
+    scfg = ServeConfig(model=str(model_dir), index=str(root / "index"), port=0, max_history=50,
+                       max_body_bytes=20_000, categories=str(tiny_prepared["ingested"] / "events.parquet"),
+                       reload_poll_s=0.2)
+    holder = make_holder(scfg)
+    with pytest.MonkeyPatch.context() as mp:  # no admin token: the admin route is open on loopback
+        mp.delenv(ADMIN_TOKEN_ENV, raising=False)
+        app = create_app(holder, scfg)
+    try:
+        with running(app, scfg) as (_, url), httpx.Client(base_url=url, timeout=10) as client:
+            yield {"client": client, "holder": holder, "model_dir": model_dir, "root": root,
+                   "rec": Recommender.load(model_dir, root / "index")}
+    finally:
+        holder.close()
 
 
 def test_binds_loopback_by_default():

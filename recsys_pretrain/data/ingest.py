@@ -16,15 +16,20 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys_pretrain import privacy
 from recsys_pretrain import schema as S
 from recsys_pretrain.config import IngestConfig
 from recsys_pretrain.data.formats import (
+    EXTRA,
     FORMATS,
+    MALFORMED,
+    SCAN_MODES,
     FormatSpec,
     IngestError,
     Source,
     check_utf8,
     generic_spec,
+    one_line,
     open_source,
 )
 from recsys_pretrain.io import atomic_dir, write_json, write_text
@@ -32,7 +37,8 @@ from recsys_pretrain.vocab import Vocab
 
 DEFAULT_MIN_TIME = "1990-01-01T00:00:00+00:00"
 DEFAULT_MAX_TIME = "2100-01-01T00:00:00+00:00"
-_EPOCH_UNITS = {"epoch_s": ("s", 1), "epoch_ms": ("ms", 1_000), "epoch_us": ("us", 1_000_000)}
+_EPOCH_UNITS = {"epoch_s": "s", "epoch_ms": "ms", "epoch_us": "us"}
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _ISO_FORMATS = (
     "%Y-%m-%dT%H:%M:%S%.f%#z",
     "%Y-%m-%dT%H:%M:%S%.f",
@@ -69,17 +75,34 @@ def _parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
 
+def _epoch_bounds(lo: datetime, hi: datetime, unit: str) -> tuple[int, int]:
+    """The time window as integers since the epoch in `unit` ("d" = days), within Int64."""
+    if unit == "d":
+        return -(-int(lo.timestamp()) // 86_400), int(hi.timestamp()) // 86_400
+    limit = 2**63 - 1
+    per_s = _PER_SECOND[unit]
+    return max(int(lo.timestamp()) * per_s, -limit), min(int(hi.timestamp()) * per_s, limit)
+
+
 def _timestamp_expr(
-    raw: pl.Expr, is_text: bool, fmt: str, lo: datetime, hi: datetime
+    raw: pl.Expr, dtype: pl.DataType, fmt: str, lo: datetime, hi: datetime
 ) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """(timestamp, parsed, in range) from a text or integer column, for any supported timestamp format."""
-    if fmt in _EPOCH_UNITS:
-        unit, per_s = _EPOCH_UNITS[fmt]
-        n = raw.str.to_integer(strict=False) if is_text else raw.cast(pl.Int64, strict=False)
+    """(timestamp, parsed, in range) from a text, number or temporal column. A temporal column (Parquet)
+    is read in its own unit and time zone, whatever `fmt` says; text and numbers as `fmt` says."""
+    if isinstance(dtype, pl.Datetime) or dtype == pl.Date or fmt in _EPOCH_UNITS:
+        if isinstance(dtype, pl.Datetime):  # stored as an instant since the epoch in its unit, any zone
+            unit, n = dtype.time_unit, raw.to_physical()
+        elif dtype == pl.Date:
+            unit, n = "d", raw.to_physical().cast(pl.Int64)
+        else:
+            unit = _EPOCH_UNITS[fmt]
+            n = raw.str.to_integer(strict=False) if dtype == pl.String else raw.cast(pl.Int64, strict=False)
         # Range-check the integer before converting, so absurd values cannot overflow the conversion.
-        in_range = n.is_between(int(lo.timestamp()) * per_s, int(hi.timestamp()) * per_s)
+        in_range = n.is_between(*_epoch_bounds(lo, hi, unit))
         ts = pl.when(in_range).then(pl.from_epoch(n, unit)).cast(S.TIMESTAMP_DTYPE)
         return ts, n.is_not_null(), in_range
+    if dtype != pl.String:
+        raw = raw.cast(pl.String)
     fmts = _ISO_FORMATS if fmt == "iso" else (fmt,)
     parsed = pl.coalesce(
         [raw.str.to_datetime(format=f, strict=False, time_unit="us", time_zone="UTC") for f in fmts]
@@ -119,9 +142,11 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
 
     def ident(canonical: str) -> pl.Expr:
         t = text(canonical)
-        if spec.id_type == "int":
-            return t.str.to_integer(strict=False) if is_text(canonical) else t.cast(pl.Int64, strict=False)
-        return t if is_text(canonical) else t.cast(pl.String)
+        if is_text(canonical):
+            return t.str.to_integer(strict=False) if spec.id_type == "int" else t
+        if dtypes[cols[canonical]].is_float():  # ids written as floats (pandas, with gaps): whole numbers only
+            t = pl.when(t.is_finite() & (t == t.floor())).then(t.cast(pl.Int64, strict=False))
+        return t.cast(pl.Int64, strict=False) if spec.id_type == "int" else t.cast(pl.String)
 
     lo = _parse_time(cfg.min_time or spec.min_time or DEFAULT_MIN_TIME)
     hi = _parse_time(cfg.max_time or spec.max_time or DEFAULT_MAX_TIME)
@@ -131,7 +156,8 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
         raise IngestError(f"event_aliases map onto unknown event types {bad_targets}; known: {S.EVENT_TYPES}")
 
     if spec.timestamp_format is not None:
-        ts, ts_parsed, ts_ok = _timestamp_expr(text(S.TIMESTAMP), is_text(S.TIMESTAMP), spec.timestamp_format, lo, hi)
+        ts_dtype = dtypes[cols[S.TIMESTAMP]] if S.TIMESTAMP in cols else pl.String
+        ts, ts_parsed, ts_ok = _timestamp_expr(text(S.TIMESTAMP), ts_dtype, spec.timestamp_format, lo, hi)
     else:
         ts, ts_parsed, ts_ok = pl.lit(None, dtype=S.TIMESTAMP_DTYPE), pl.lit(True), pl.lit(True)
     if S.EVENT_TYPE in cols:
@@ -150,12 +176,18 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
     )
     mapped = [pl.col(s) for s in cols.values()]
     empty = pl.all_horizontal([m.is_null() for m in mapped])
-    if src.kind == "ndjson":
-        reason = pl.when(~pl.col("_json_ok")).then(pl.lit("malformed_row")).when(empty).then(pl.lit("empty_row"))
-    else:
-        reason = pl.when(empty).then(pl.lit("empty_row"))
+    # Broken structure: flagged by the scan, a separator column of `::` files that holds a value, or an
+    # id with a line break (a quote left open until a later line swallows the lines between).
+    broken = [pl.col(MALFORMED)] if MALFORMED in dtypes else []
+    broken += [pl.col(c).is_not_null() for c in dtypes.names() if c.startswith("_sep")]
+    broken += [pl.col(cols[c]).str.contains("\n", literal=True).fill_null(False)
+               for c in (S.USER_ID, S.ITEM_ID) if c in cols and is_text(c)]
+    reason = pl.when(pl.any_horizontal(broken) if broken else pl.lit(False)).then(pl.lit("malformed_row"))
+    if EXTRA in dtypes:
+        reason = reason.when(pl.col(EXTRA)).then(pl.lit("extra_fields"))
     reason = (
-        reason.when(text(S.USER_ID).is_null()).then(pl.lit("missing_user_id"))
+        reason.when(empty).then(pl.lit("empty_row"))
+        .when(text(S.USER_ID).is_null()).then(pl.lit("missing_user_id"))
         .when(text(S.ITEM_ID).is_null()).then(pl.lit("missing_item_id"))
         .when(pl.col("_c_user").is_null()).then(pl.lit("bad_user_id"))
         .when(pl.col("_c_item").is_null()).then(pl.lit("bad_item_id"))
@@ -171,8 +203,9 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
             reason.when(text(S.EVENT_TYPE).is_null()).then(pl.lit("missing_event_type"))
             .when(pl.col("_c_event").is_null()).then(pl.lit("unknown_event_type"))
         )
-    if S.VALUE in cols:
-        reason = reason.when(text(S.VALUE).is_not_null() & pl.col("_c_value").is_null()).then(pl.lit("bad_value"))
+    if S.VALUE in cols:  # not a number, or not a finite one (nan, inf)
+        value_ok = pl.col("_c_value").is_finite().fill_null(False)
+        reason = reason.when(text(S.VALUE).is_not_null() & ~value_ok).then(pl.lit("bad_value"))
     return lf.with_columns(reason=reason.otherwise(None), **{_FILE: pl.lit(file_idx, dtype=pl.UInt16)})
 
 
@@ -214,25 +247,31 @@ def _split_valid_invalid(
     for i, src in enumerate(sources):
         # Typed first: Polars' own number parser is much faster than text -> integer. A file with any
         # value that does not parse fails that scan, and is read again as text, where the bad rows are
-        # found one by one and quarantined.
-        for typed in (True, False) if src.kind == "csv" else (False,):
-            parsed = _parse(src.scan(typed=typed), src, cfg, i)
-            valid = parsed.filter(pl.col(S.REASON).is_null()).select(_canonical(src))
-            bad = parsed.filter(pl.col(S.REASON).is_not_null()).select(_quarantine_columns(src, i))
+        # found one by one and quarantined; a file with rows the CSV reader cannot split (extra fields,
+        # broken quotes) fails that too, and is read line by line, where those rows are quarantined.
+        modes = SCAN_MODES if src.kind == "csv" else ("text",)
+        for mode in modes:
             valid_path = work / f"valid-{i:05d}.parquet"
             try:
+                parsed = _parse(src.scan(mode), src, cfg, i)
+                valid = parsed.filter(pl.col(S.REASON).is_null()).select(_canonical(src))
+                bad = parsed.filter(pl.col(S.REASON).is_not_null()).select(_quarantine_columns(src, i))
                 if in_memory:  # one read of the input: the shared scan is materialised anyway
                     out = pl.collect_all([valid, bad.sink_parquet(work / f"bad-{i:05d}.parquet", lazy=True)],
                                          engine="streaming")
                 else:  # two streaming reads: sinks that share one scan would buffer the whole input
                     valid.sink_parquet(valid_path, engine="streaming")
                     bad.sink_parquet(work / f"bad-{i:05d}.parquet", engine="streaming")
+                src.mode = mode
                 break
             except pl.exceptions.PolarsError as exc:
-                if not typed:
+                if mode == modes[-1]:
                     if src.kind != "parquet":
                         check_utf8(src.read_path, src.path)  # the usual cause; names the line
-                    raise IngestError(f"{src.path}: cannot be read as {src.spec.name}/{src.kind}: {exc}") from None
+                    raise IngestError(f"{src.path}: cannot be read as {src.spec.name}/{src.kind}: "
+                                      f"{one_line(exc)}") from None
+            except OSError as exc:  # the file became unreadable, or the work directory is full
+                raise IngestError(f"{src.path}: {one_line(exc)}") from None
         if in_memory:
             frames.append(out[0])
             counts.append(out[0].height)
@@ -396,13 +435,31 @@ def _percentiles(lengths: pl.Series) -> dict:
     return out
 
 
-def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> IngestResult:
-    """Ingest `inputs` (all of one format) into `out`. See the module docstring for the outputs."""
+def _refuse_repeated_inputs(inputs: list[str | Path]) -> None:
+    """The same file named twice (or through a link) would count its rows twice."""
+    seen: dict[object, Path] = {}
+    for p in map(Path, inputs):
+        try:
+            st = p.stat()
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:  # missing or unreadable: open_source says which
+            key = p.resolve()
+        if key in seen:
+            same = "" if str(seen[key]) == str(p) else f" (also given as {seen[key]})"
+            raise IngestError(f"{p}: given twice{same}; each input file may be given once")
+        seen[key] = p
+
+
+def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig, force: bool = False) -> IngestResult:
+    """Ingest `inputs` (all of one format) into `out`. See the module docstring for the outputs.
+    `out` may not hold an input; an existing `out` is replaced only if this project wrote it, or `force`."""
     t0 = time.perf_counter()
     if not inputs:
         raise IngestError("no input files given")
     spec = resolve_spec(cfg)
-    with atomic_dir(out) as stage:
+    _refuse_repeated_inputs(inputs)
+    user_key = privacy.key_from_config(cfg)  # privacy: checked before any work; never stored or logged
+    with atomic_dir(out, inputs=inputs, force=force) as stage:
         work = stage / ".work"
         work.mkdir()
         sources = [open_source(p, spec, work) for p in inputs]  # every file-level check before any work
@@ -410,6 +467,9 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
         # Small inputs stay in memory between the passes; large ones go through Parquet in user ranges.
         in_memory = sum(src.estimated_rows for src in sources) <= cfg.in_memory_rows
         valid, n_valid_per_file = _split_valid_invalid(sources, cfg, work, in_memory)
+        if user_key is not None:  # privacy: tokens replace raw user ids before anything is indexed or written
+            spill = None if in_memory else work / "tokens.parquet"
+            valid = privacy.pseudonymise_frame(valid, S.USER_ID, user_key, spill)
         bad_paths = sorted(work.glob("bad-*.parquet"))
         per_file = []
         for i, src in enumerate(sources):
@@ -444,7 +504,8 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
                 for i, src in enumerate(sources):
                     mine = dropped.filter(pl.col(_FILE) == i).drop(_FILE)
                     if mine.height:
-                        raw = src.scan().with_columns(pl.col(S.SOURCE_ROW).cast(pl.UInt64))
+                        mode = "lines" if src.mode == "lines" else "text"
+                        raw = src.scan(mode).with_columns(pl.col(S.SOURCE_ROW).cast(pl.UInt64))
                         raw = raw.join(mine.lazy(), on=S.SOURCE_ROW, how="inner")
                         quarantine_parts.append(raw.select(_quarantine_columns(src, i)))
             events.select(final_columns).sink_parquet(stage / "events.parquet", engine="streaming",
@@ -456,10 +517,14 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig) -> Inge
             if quarantine_parts
             else pl.LazyFrame(schema={S.SOURCE_FILE: pl.String, S.SOURCE_ROW: pl.UInt64, S.REASON: pl.String})
         )
+        if user_key is not None:  # privacy: the quarantine's raw user column holds the tokens too
+            user_columns = sorted({s.spec.columns[S.USER_ID] for s in sources if S.USER_ID in s.spec.columns})
+            quarantine = privacy.pseudonymise_columns(quarantine, user_columns, user_key, spec.id_type)
         quarantine.sink_parquet(stage / "quarantine.parquet", engine="streaming")
 
         report = _report(stage, cfg, per_file, rows_read, n_dup, kcore, vocab, has_time, inputs)
         report["seconds"] = round(time.perf_counter() - t0, 3)
+        report["user_ids"] = privacy.REPORT_NOTE if user_key is not None else "raw"  # privacy
         if report["rows_read"] != report["rows_accepted"] + report["rows_quarantined"] + report["rows_duplicate"]:
             raise AssertionError(f"row accounting broken: {report}")  # a bug, never bad input
         write_json(stage / "report.json", report)

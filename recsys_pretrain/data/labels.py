@@ -77,7 +77,7 @@ def _sampled_labels(events: pl.DataFrame, later: pl.DataFrame, n_items: int, cfg
     return pl.concat([pos, neg]).sort(T, S.USER_IDX, maintain_order=True)
 
 
-def build_labels(ingested: str | Path, out: str | Path, cfg: LabelConfig) -> dict:
+def build_labels(ingested: str | Path, out: str | Path, cfg: LabelConfig, force: bool = False) -> dict:
     """Write out/labels.parquet, out/features.npz, out/pretrain/ (events before T1 + the full vocab,
     ready for `prepare`), and out/labels_report.json."""
     ingested = Path(ingested)
@@ -114,7 +114,7 @@ def build_labels(ingested: str | Path, out: str | Path, cfg: LabelConfig) -> dic
            .sort("len", descending=True).unique(S.USER_IDX, keep="first"))
     user_cat[fav[S.USER_IDX].to_numpy()] = fav["cat"].to_numpy()
 
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, inputs=[ingested], force=force) as stage:
         pre = stage / "pretrain"
         pre.mkdir()
         pl.scan_parquet(ingested / "events.parquet").filter(before_t1).sink_parquet(pre / "events.parquet")

@@ -28,7 +28,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig) -> dict:
+def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig, force: bool = False) -> dict:
     """Write sequences.parquet, loo.parquet, train_matrix.npz, temporal_*.parquet, vocab.json, meta.json."""
     t0 = time.perf_counter()
     ingested = Path(ingested)
@@ -40,7 +40,7 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig) -> dict:
     events = pl.scan_parquet(events_path).select(S.USER_IDX, S.ITEM_IDX, S.TIMESTAMP, S.EVENT_TYPE)
     inter = split.interactions(events, cfg.sequence_event_types, cfg.collapse_repeats)
 
-    with atomic_dir(out) as stage:
+    with atomic_dir(out, inputs=[ingested], force=force) as stage:
         shutil.copyfile(ingested / "vocab.json", stage / "vocab.json")
         split.sequences(inter).sink_parquet(stage / "sequences.parquet")
 

@@ -59,6 +59,32 @@ class MF(nn.Module):
         self.item.weight[1:, :k] = torch.from_numpy(np.ascontiguousarray(vt[order].T))
         return float(1.0 - (s**2).sum() / total)
 
+    @torch.no_grad()
+    def fit_als(self, matrix: sp.spmatrix, regularization: float, alpha: float, iterations: int,
+                seed: int = 0) -> float:
+        """Set the factors by implicit's weighted ALS (Hu, Koren and Volinsky 2008) on `matrix` (n_users,
+        n_items + 1; column 0 is padding; values are confidences, scaled by `alpha`). Item bias: popularity
+        scaled to TIE_BREAK, as for svd. Returns 0.0 (implicit reports no loss unless asked, at a cost)."""
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import threadpool_limits
+
+        x = sp.csr_matrix(matrix, dtype=np.float32)[:, 1:].tocsr()
+        self.user.weight.zero_()
+        self.item.weight.zero_()
+        self.item_bias.zero_()
+        pop = np.asarray(x.sum(axis=0)).ravel()
+        if pop.max(initial=0.0) > 0:
+            self.item_bias[1:] = torch.from_numpy(self.TIE_BREAK * pop / pop.max())
+        if x.nnz == 0:
+            return 0.0
+        als = AlternatingLeastSquares(factors=self.cfg.dim, regularization=regularization, alpha=alpha,
+                                      iterations=iterations, random_state=seed)
+        with threadpool_limits(1, "blas"):  # implicit's advice: its own threads, single-threaded BLAS
+            als.fit(x, show_progress=False)
+        self.user.weight.copy_(torch.from_numpy(np.asarray(als.user_factors)))
+        self.item.weight[1:] = torch.from_numpy(np.asarray(als.item_factors))
+        return 0.0
+
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         """(B,) user indices -> (B, n_items) scores over items 1..n."""
         return self.user(users) @ self.item.weight[1:].T + self.item_bias[1:]

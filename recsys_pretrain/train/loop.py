@@ -10,6 +10,7 @@ its rank's share of the batches).
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import sys
@@ -72,6 +73,25 @@ def _seed(cfg: TrainConfig, epoch: int) -> int:
     return cfg.seed * 1_000_003 + epoch
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint in the output directory was written by another run (config or data differ)."""
+
+
+def _differences(then: str | None, now: str) -> list[str]:
+    """The keys whose values differ between two fingerprints (JSON), flattened: `train.lr: 0.01 -> 0.02`."""
+    if then is None:
+        return ["the checkpoint records no run fingerprint (written by an older version)"]
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(json.loads(then)), flat(json.loads(now))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def save_checkpoint(path: Path, obj: dict) -> None:
     """torch.save, atomically (a temp file, then rename)."""
     with atomic_path(path) as tmp:
@@ -87,11 +107,21 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     monitor: str = MONITOR,
     param_groups: list[dict] | None = None,
+    fingerprint: dict | None = None,
+    resume: str = "match",
 ) -> FitResult:
     """Train `model` on `task`; `validate(model)` returns metrics including `monitor` (higher is better).
     Resumes from `checkpoint_dir/last.pt` when it exists. `on_epoch(epoch, row)` sees each epoch's
     history row. `param_groups` (AdamW groups, e.g. a lower learning rate for pretrained parts)
-    replaces the single group of all trainable parameters."""
+    replaces the single group of all trainable parameters.
+
+    `fingerprint` identifies the run (its run-defining config and data); checkpoints carry it, and only a
+    checkpoint with the same fingerprint is resumed. `resume`: "match" resumes a matching checkpoint and
+    refuses another run's (CheckpointMismatch); "restart" starts anew over another run's checkpoint;
+    "never" always starts anew."""
+    if resume not in ("match", "restart", "never"):
+        raise ValueError(f"resume={resume!r}; use match, restart or never")
+    ident = json.dumps(fingerprint or {}, sort_keys=True, default=str)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = next(model.parameters()).device  # batches follow the model (CPU here; a GPU if it was moved)
@@ -105,16 +135,28 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: state["horizon"] * task.n_batches()))
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     best_path = checkpoint_dir / "best.pt" if checkpoint_dir else None
-    if last is not None and last.exists():
-        ckpt = torch.load(last, weights_only=True, map_location=device)
+    ckpt = torch.load(last, weights_only=True, map_location=device) if last is not None and last.exists() else None
+    if ckpt is not None and resume != "never" and ckpt.get("fingerprint") != ident:
+        diff = _differences(ckpt.get("fingerprint"), ident)
+        if resume == "match":
+            raise CheckpointMismatch(
+                f"{last}: a checkpoint of another run ({'; '.join(diff[:6])}{'; ...' if len(diff) > 6 else ''}); "
+                "refusing to resume it. Use another output directory, or start anew over it "
+                "(`pretrain --restart`, pretrain.resume=never)")
+        print(f"{last}: a checkpoint of another run ({'; '.join(diff[:3])}): starting anew", file=sys.stderr)
+        ckpt = None
+    elif ckpt is not None and resume == "never":
+        ckpt = None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = {"horizon": cfg.epochs, **ckpt["state"]}
-        log.info("resumed from %s at epoch %d", last, state["epoch"])
-    best_state = (
-        torch.load(best_path, weights_only=True, map_location=device)["model"] if best_path is not None and best_path.exists() else None
-    )
+        print(f"resuming from {last} after epoch {state['epoch']} (same config and data)", file=sys.stderr)
+    best_state = None
+    if ckpt is not None and best_path is not None and best_path.exists():  # only a resumed run's own best
+        best = torch.load(best_path, weights_only=True, map_location=device)
+        best_state = best["model"] if best.get("fingerprint") == ident else None
 
     budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     stopped = state.get("stopped", "epochs")
@@ -154,7 +196,8 @@ def fit(
                 state.update(best=metrics[monitor], best_epoch=epoch, best_metrics=metrics, bad_evals=0)
                 best_state = copy.deepcopy(model.state_dict())
                 if best_path is not None:
-                    save_checkpoint(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics})
+                    save_checkpoint(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics,
+                                                "fingerprint": ident})
             else:
                 state["bad_evals"] += 1
         state["elapsed"] += time.perf_counter() - t0
@@ -169,7 +212,7 @@ def fit(
             state["stopped"] = "early_stopping"
         if last is not None:
             save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "state": state})
+                                   "scheduler": sched.state_dict(), "state": state, "fingerprint": ident})
         log.info("epoch %d %s", epoch, {k: round(v, 4) for k, v in row.items() if k != "epoch"})
         if on_epoch is not None:
             on_epoch(epoch, row)

@@ -8,6 +8,7 @@ the items before it. Model selection uses validation only.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -24,9 +25,10 @@ from torch import nn
 
 from recsys_pretrain.checkpoint import build_model, save_model_dir, warm_start
 from recsys_pretrain.config import BERT4RecConfig, MFConfig, PretrainConfig, TrainConfig, flatten
+from recsys_pretrain.io import check_output
 from recsys_pretrain.masking import append_mask, mask_items
 from recsys_pretrain.metrics import evaluate_scores, popularity_scores
-from recsys_pretrain.train.loop import FitResult, fit, save_checkpoint
+from recsys_pretrain.train.loop import MONITOR, FitResult, fit, save_checkpoint
 from recsys_pretrain.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -277,31 +279,83 @@ def model_config(cfg: PretrainConfig) -> MFConfig | BERT4RecConfig:
     return cfg.mf if cfg.model == "mf" else cfg.bert4rec
 
 
-def fit_svd(model: nn.Module, data: PreparedData, tcfg: TrainConfig, validate: Callable[[nn.Module], dict],
-            checkpoint_dir: Path, on_epoch: Callable[[int, dict], None] | None = None) -> FitResult:
-    """MF's closed-form solver, reported as a one-epoch fit: the loss is the relative squared residual."""
+# Settings that change how a run is watched or how long it may take, not the model it trains: a checkpoint
+# written under other values of these is the same run and may be resumed.
+OPERATIONAL = ("progress", "threads", "eval_batch_size", "max_minutes")
+
+
+def run_fingerprint(name: str, mcfg, tcfg: TrainConfig, data: PreparedData, init_from: str | Path | None) -> dict:
+    """What defines a training run: the model and its config (the training settings in force), the data
+    (the ingested events' hash and the prepare settings) and the warm-start source."""
+    train = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in OPERATIONAL}
+    return {"model": name, "config": {**dataclasses.asdict(mcfg), "train": train},
+            "data": {"events_sha256": data.meta.get("events_sha256"), "prepare": data.meta.get("config"),
+                     "users": data.n_users, "items": data.n_items},
+            "init_from": str(init_from) if init_from is not None else None}
+
+
+CLOSED_FORM = ("svd", "als")  # MF solvers that solve, not train by gradient descent
+# ALS hyper-parameters tried on validation when not set: L2 regularization x confidence scale (alpha).
+ALS_GRID = {"regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 10.0)}
+
+
+def closed_form_candidates(mcfg: MFConfig) -> list[dict]:
+    """The solver settings a closed-form fit tries, in order: svd has one; als the grid over the settings
+    left unset (None) in the config."""
+    if mcfg.loss == "svd":
+        return [{}]
+    grid = {k: (getattr(mcfg, k),) if getattr(mcfg, k) is not None else v for k, v in ALS_GRID.items()}
+    return [{"regularization": r, "alpha": a} for r in grid["regularization"] for a in grid["alpha"]]
+
+
+def solve(model: nn.Module, mcfg: MFConfig, matrix: sp.csr_matrix, params: dict, seed: int) -> float:
+    """One closed-form solve of MF on `matrix` with `params` (from closed_form_candidates)."""
+    if mcfg.loss == "svd":
+        return model.fit_svd(matrix, seed=seed)
+    return model.fit_als(matrix, iterations=mcfg.iterations, seed=seed, **params)
+
+
+def fit_closed_form(model: nn.Module, mcfg: MFConfig, data: PreparedData, tcfg: TrainConfig,
+                    validate: Callable[[nn.Module], dict], checkpoint_dir: Path,
+                    on_epoch: Callable[[int, dict], None] | None = None) -> tuple[FitResult, dict]:
+    """MF's closed-form solvers (svd, als), each candidate setting solved on the training matrix and
+    validated; the best is kept. Reported as a fit with one "epoch" per candidate (the loss: svd's relative
+    squared residual, 0 for als). Returns (the fit, the chosen setting)."""
     t0 = time.perf_counter()
-    residual = model.fit_svd(data.train_matrix, seed=tcfg.seed)
-    seconds = time.perf_counter() - t0
-    metrics = validate(model)
-    row = {"epoch": 1, "train_loss": residual, **{f"val_{k}": v for k, v in metrics.items()}, "elapsed_s": seconds}
-    best = checkpoint_dir / "best.pt"
-    save_checkpoint(best, {"model": model.state_dict(), "epoch": 1, "metrics": metrics})
-    if on_epoch is not None:
-        on_epoch(1, row)
-    return FitResult(best_epoch=1, best_metrics=metrics, epochs_run=1, stopped="closed_form", train_seconds=seconds,
-                     history=[row], best_checkpoint=best)
+    best, history = None, []
+    for i, params in enumerate(closed_form_candidates(mcfg), 1):
+        loss = solve(model, mcfg, data.train_matrix, params, tcfg.seed)
+        metrics = validate(model)
+        row = {"epoch": i, "train_loss": loss, **{f"val_{k}": v for k, v in metrics.items()},
+               "elapsed_s": time.perf_counter() - t0}
+        history.append(row)
+        if best is None or metrics[MONITOR] > best[1][MONITOR]:
+            best = (i, metrics, params, copy.deepcopy(model.state_dict()))
+        if on_epoch is not None:
+            on_epoch(i, row)
+    model.load_state_dict(best[3])
+    path = checkpoint_dir / "best.pt"
+    save_checkpoint(path, {"model": best[3], "epoch": best[0], "metrics": best[1], "params": best[2]})
+    return (FitResult(best_epoch=best[0], best_metrics=best[1], epochs_run=len(history), stopped="closed_form",
+                      train_seconds=time.perf_counter() - t0, history=history, best_checkpoint=path), best[2])
+
+
+def train_valid_matrix(data: PreparedData) -> sp.csr_matrix:
+    """The training matrix with each user's validation item added (weight 1): what a refit learns from."""
+    users = np.flatnonzero(data.valid >= 0)
+    extra = sp.csr_matrix((np.ones(len(users), np.float32), (users, data.valid[users])), shape=data.train_matrix.shape)
+    return (data.train_matrix + extra).tocsr()
 
 
 def make_task(name: str, mcfg, data: PreparedData, tcfg: TrainConfig):
     if name == "mf":
-        if mcfg.loss == "svd":
-            return None  # closed form: no batches (fit_svd)
+        if mcfg.loss in CLOSED_FORM:
+            return None  # solved, not trained in batches: fit_closed_form
         if mcfg.loss == "softmax":
             return MFSoftmaxTask(data.train_matrix, tcfg.batch_size)
         if mcfg.loss == "bpr":
             return MFBPRTask(data.train_matrix, tcfg.batch_size, data.n_items)
-        raise ValueError(f"unknown MF loss {mcfg.loss!r}; use svd, softmax or bpr")
+        raise ValueError(f"unknown MF loss {mcfg.loss!r}; use svd, als, softmax or bpr")
     return SequenceTask(data.train_seqs, mcfg, data.n_items, tcfg.batch_size)
 
 
@@ -337,6 +391,8 @@ class PretrainResult:
     seconds: float
     model_uri: str | None = None  # the logged pyfunc model, for the registry
     warm_start: dict | None = None  # what was carried over from `init_from`, if given
+    test_no_refit: dict[str, float] | None = None  # the chosen model's test, before the refit with validation
+    refit_seconds: float = 0.0
 
 
 def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tracker=None,
@@ -347,7 +403,7 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
     `on_epoch(epoch, history_row)` is called after each epoch (after its checkpoint is written).
     `init_from`: a trained model directory of the same architecture to warm-start from (items and users by
     raw id, new ones fresh); the run then gets `cfg.warm_epoch_share` of the epoch budget."""
-    from recsys_pretrain.tracking import NullTracker, git_commit
+    from recsys_pretrain.tracking import NullTracker, git_commit, redact_uri
 
     tracker = tracker or NullTracker()
     data = load_prepared(prepared)
@@ -366,6 +422,8 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                                    eval_every=min(tcfg.eval_every, max(1, round(tcfg.epochs * share))),
                                    warmup_steps=round(tcfg.warmup_steps * share))
     out_dir = Path(out_dir)
+    check_output(out_dir / "model", inputs=[data.path] + ([init_from] if init_from is not None else []))
+    fingerprint = run_fingerprint(cfg.model, mcfg, tcfg, data, init_from)
     experiment = cfg.experiment or data.name
     run_name = run_name or f"{cfg.model}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {"model_type": cfg.model, "dataset": data.name, "dataset_sha256": data.meta.get("events_sha256", ""),
@@ -391,17 +449,28 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                 on_epoch(epoch, row)
 
         validate = lambda m: evaluate(m, data, "valid", tcfg.eval_batch_size)  # noqa: E731
-        if task is None:  # mf's closed-form solver
-            result = fit_svd(model, data, tcfg, validate, out_dir / "checkpoints", on_epoch=log_epoch)
+        chosen = None
+        if task is None:  # mf's closed-form solvers
+            result, chosen = fit_closed_form(model, mcfg, data, tcfg, validate, out_dir / "checkpoints",
+                                             on_epoch=log_epoch)
+            tracker.log_params(flatten({"chosen": chosen}))
         else:
-            result = fit(model, task, tcfg, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch)
+            result = fit(model, task, tcfg, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch,
+                         fingerprint=fingerprint, resume=cfg.resume)
         valid = evaluate(model, data, "valid", tcfg.eval_batch_size)
         test = evaluate(model, data, "test", tcfg.eval_batch_size)
+        test_no_refit, refit_seconds = None, 0.0
+        if cfg.refit and chosen is not None:  # the chosen setting solved again with the validation items
+            t1 = time.perf_counter()
+            solve(model, mcfg, train_valid_matrix(data), chosen, tcfg.seed)
+            refit_seconds = time.perf_counter() - t1
+            test_no_refit, test = test, evaluate(model, data, "test", tcfg.eval_batch_size)
         pop = evaluate_popularity(data, "test")
         final = {**{f"test/{k}": v for k, v in test.items()}, **{f"valid/{k}": v for k, v in valid.items()},
                  **{f"test/popularity_{k}": v for k, v in pop.items()},
-                 "train/seconds": result.train_seconds, "train/epochs": result.epochs_run,
-                 "train/best_epoch": result.best_epoch}
+                 **{f"test_no_refit/{k}": v for k, v in (test_no_refit or {}).items()},
+                 "train/seconds": result.train_seconds + refit_seconds, "train/refit_seconds": refit_seconds,
+                 "train/epochs": result.epochs_run, "train/best_epoch": result.best_epoch}
         tracker.log_metrics(final, step=result.epochs_run)
         tracker.set_tags({"stopped": result.stopped})
 
@@ -410,19 +479,20 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                                    histories=history_matrix(data.full_sequences(), data.n_items),
                                    popularity=popularity_scores(data.train_matrix).numpy(),
                                    extra={"dataset": data.name, "test": test, "valid": valid,
+                                          "test_no_refit": test_no_refit, "chosen": chosen,
                                           "best_epoch": result.best_epoch, "run_id": run_id})
         fig = training_curve(result.history, f"{cfg.model} on {data.name}")
         tracker.log_figure(fig, "training_curve.png")
         import matplotlib.pyplot as plt
 
         plt.close(fig)
-        tracker.log_dict(dataclasses.asdict(cfg), "config.json")
-        tracker.log_dict({"valid": valid, "test": test, "popularity_test": pop, "history": result.history},
-                         "metrics.json")
+        tracker.log_dict({**dataclasses.asdict(cfg), "tracking_uri": redact_uri(cfg.tracking_uri)}, "config.json")
+        tracker.log_dict({"valid": valid, "test": test, "test_no_refit": test_no_refit, "popularity_test": pop,
+                          "history": result.history}, "metrics.json")
         tracker.log_model_dir(model_dir, name="model_dir")  # what `evaluate RUN_ID` and serving fetch
         if result.best_checkpoint is not None and result.best_checkpoint.exists():
             tracker.log_artifact(result.best_checkpoint, "checkpoints")
         model_uri = tracker.log_recommender(model_dir, name="model")
     return PretrainResult(run_id=run_id, model_dir=model_dir, fit=result, valid=valid, test=test,
                           popularity_test=pop, seconds=time.perf_counter() - t0, model_uri=model_uri,
-                          warm_start=warm)
+                          warm_start=warm, test_no_refit=test_no_refit, refit_seconds=refit_seconds)
