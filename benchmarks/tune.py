@@ -50,7 +50,7 @@ def data_ready(name: str) -> Path:
         return prep
     t = time.perf_counter()
     r = ingest([src], ing, IngestConfig(format=fmt)).report
-    prepare(ing, prep, PrepareConfig())
+    prepare(ing, prep, PrepareConfig(first_only=True))  # as benchmarks/suite.py prepares
     print(f"{name}: {r['users']} users, {r['items']} items, {r['rows_accepted']:,} interactions "
           f"({time.perf_counter() - t:.1f}s)", flush=True)
     return prep

@@ -291,12 +291,16 @@ def cmd_recommend(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _user_key(args: argparse.Namespace, cfg: RunConfig) -> bytes | None:
-    """The pseudonymisation key: --key-env / --key-file, else the config's ingest settings; None if none."""
+    """The pseudonymisation key: --key-env / --key-file, else the config's ingest settings, else its serve
+    settings (serve.user_key_env / _file); None if none."""
     from recsys_pretrain.privacy import key_from_config, load_key
 
     if args.key_env or args.key_file:
         return load_key(args.key_env, args.key_file)
-    return key_from_config(cfg.ingest)
+    key = key_from_config(cfg.ingest)
+    if key is None and (cfg.serve.user_key_env or cfg.serve.user_key_file):
+        key = load_key(cfg.serve.user_key_env, cfg.serve.user_key_file)
+    return key
 
 
 def _looks_pseudonymised(rec) -> bool:
@@ -511,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # a full disk surfaces from os, Polars, NumPy or torch, each in its own type
-        if not is_disk_full(exc):
+        if not is_disk_full(exc, getattr(args, "out", None) or getattr(args, "data", None)):
             raise
         where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"error: no space left on the device{where}; nothing was published, the previous outputs are "

@@ -52,6 +52,9 @@ class PrepareConfig:
     # events that count as interactions in sequences and the matrix (impressions are exposure, not interest)
     sequence_event_types: tuple[str, ...] = ("click", "add_to_cart", "favorite", "purchase", "rating")
     collapse_repeats: bool = False  # merge consecutive repeats of one item in a sequence
+    # keep only each user's first interaction with an item: every held-out target is then an item the user
+    # has not interacted with before (what serving, which excludes seen items, is asked to find)
+    first_only: bool = False
     # weight of each event type in the user x item matrix; repeats add up
     event_weights: dict[str, float] = field(
         default_factory=lambda: {
@@ -71,15 +74,15 @@ class PrepareConfig:
 class TrainConfig:
     """The training loop, shared by every model."""
 
-    epochs: int = 200  # the learning-rate schedule's horizon; early stopping usually ends sooner
-    batch_size: int = 128
+    epochs: int | None = 200  # the learning-rate schedule's horizon; early stopping usually ends sooner
+    batch_size: int | None = 128  # None (BERT4Rec's default): derived from the data, recipes.py
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 200
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     grad_clip: float = 1.0
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
-    eval_every: int = 1  # epochs between validations
+    eval_every: int | None = 1  # epochs between validations (None, BERT4Rec's default: derived, recipes.py)
     max_minutes: float | None = None  # wall-clock budget for training (evaluation included)
     # Under max_minutes, decay the schedule over the epochs the budget fits. Off by default: on ML-1M a
     # 12-minute BERT4Rec run decayed this way ended at test NDCG@10 0.068, against 0.092 at the same minute
@@ -93,10 +96,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MFConfig:
-    dim: int = 64
+    dim: int | None = None  # None: chosen with the als grid, else 64 (recipes.py)
     # svd (PureSVD, closed form) | als (implicit's weighted ALS) | softmax (multinomial over the catalogue, by
     # AdamW) | bpr. `train` applies to softmax and bpr only.
-    loss: str = "svd"
+    loss: str = "als"
     # als: L2 regularization and confidence scale; None = chosen on validation NDCG@10 from ALS_GRID
     regularization: float | None = None
     alpha: float | None = None
@@ -112,12 +115,13 @@ class MFConfig:
 @dataclass(frozen=True)
 class BERT4RecConfig:
     # Defaults: the recipe chosen by benchmarks/bert4rec_sweep.py (learning per epoch) and the CPU cost
-    # per epoch, on ML-1M; see benchmarks/results/pretrain_ml1m.md.
-    dim: int = 128
+    # per epoch, on ML-1M; see benchmarks/results/pretrain_ml1m.md. None = derived from the data by the
+    # rules in recsys_pretrain/recipes.py (on ML-1M they give 128, 200, batch 16 and 50 epochs).
+    dim: int | None = None
     n_layers: int = 2
     n_heads: int = 4
     ffn_mult: int = 4
-    max_len: int = 200
+    max_len: int | None = None
     dropout: float = 0.1  # embeddings, residual and feed-forward
     attn_dropout: float = 0.0  # > 0 forces PyTorch's slow attention kernel on CPU
     mask_prob: float = 0.3
@@ -127,12 +131,12 @@ class BERT4RecConfig:
     init_std: float | None = 0.02  # truncated-normal std of embeddings and linear layers; None = PyTorch's own
     length_buckets: bool = True  # batch sequences of similar length together (less padding to compute)
     token_weighted: bool = True  # weigh each batch's loss by its masked items, so each item counts alike
-    # Batch 16: on this CPU an epoch costs the same at batch 8 to 128 (about 38 s on ML-1M), and smaller
-    # batches leave the early popularity plateau in fewer epochs (val NDCG@10 at epoch 12: 0.054 at 128,
-    # 0.091 at 64, 0.120 at 32, 0.122 at 16, 0.119 at 8; benchmarks/results/bert4rec_early.md).
+    # Batch (derived; 16 on ML-1M): on this CPU an epoch costs the same at batch 8 to 128 (about 38 s on
+    # ML-1M), and smaller batches leave the early popularity plateau in fewer epochs (val NDCG@10 at epoch
+    # 12: 0.054 at 128, 0.091 at 64, 0.120 at 32, 0.122 at 16, 0.119 at 8; benchmarks/results/bert4rec_early.md).
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=50, batch_size=16, lr=2e-3, weight_decay=0.01,
-                                            warmup_steps=200, patience=6, eval_every=3)
+        default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=2e-3, weight_decay=0.01,
+                                            warmup_steps=200, patience=6, eval_every=None)
     )
 
 
@@ -152,6 +156,9 @@ class PretrainConfig:
     # closed-form solvers solve again on train + validation): test is reported on the refit model, and on
     # the chosen one as test_no_refit.
     refit: bool = True
+    # Trained models refit by continuing from the chosen epoch on train + validation sequences for this share
+    # of the training (epochs and, under max_minutes, the budget: the chosen model gets the rest).
+    refit_share: float = 0.15
 
 
 @dataclass(frozen=True)
@@ -259,7 +266,16 @@ class ServeConfig:
     reranker_column: str = "p_ctcvr"  # the column to rank by when the pyfunc returns a table
     rerank_pool: int = 100  # candidates fetched for the re-ranker to reorder
     reload_poll_s: float = 0.0  # > 0: swap in the index directory when it is rebuilt, checked this often
+    # uvicorn's access log (off by default). Paths carry user ids: with a user key configured the id in
+    # /recommend/{user_id} is written as <user> in it.
     access_log: bool = False
+    # privacy: the key user ids were pseudonymised with at ingest (as ingest.pseudonymise_key_env / _file:
+    # the name of an environment variable or a key file, never the key). Set, /recommend/{user_id} takes raw
+    # ids and hashes them as ingest did; re-read at every (re)load. user_id_type: the ingest format's id type
+    # ("int" hashes "0042" as "42", as ingest read it; "str" takes the text as it is).
+    user_key_env: str | None = None
+    user_key_file: str | None = None
+    user_id_type: str = "str"
     # faiss OpenMP threads per search: requests already run in parallel threads, and a team of OpenMP
     # threads per single query only adds wake-up latency (milliseconds when the cores are busy)
     faiss_threads: int = 1

@@ -24,6 +24,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ import faiss
 import numpy as np
 
 from recsys_pretrain.config import IndexConfig
-from recsys_pretrain.io import atomic_dir, check_output
+from recsys_pretrain.io import _UMASK, atomic_dir, check_output
 from recsys_pretrain.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -83,10 +85,61 @@ def resolve_model_dir(source: str | Path, tracking_uri: str | None = None,
                                 "or models:/NAME@ALIAS")
     from recsys_pretrain.tracking import download_artifacts
 
-    dst = Path(cache_dir) / run_id if cache_dir is not None else None
-    if dst is not None and (dst / "model_dir" / "model.json").exists():
-        return dst / "model_dir"  # artifacts of a finished run never change: a cached copy is the same
-    return download_artifacts(run_id, "model_dir", _uri(tracking_uri, text), dst_path=dst)
+    if cache_dir is None:
+        return download_artifacts(run_id, "model_dir", _uri(tracking_uri, text))
+    return _cached_download(Path(cache_dir), run_id, lambda dst: download_artifacts(
+        run_id, "model_dir", _uri(tracking_uri, text), dst_path=dst))
+
+
+CACHE_COMPLETE = ".complete"  # written last into a cache entry, before it is moved into place
+CACHE_TMP_PREFIX = ".tmp-"  # downloads in progress (or cut off), beside the entries of a cache directory
+_STALE_TMP_S = 24 * 3600
+
+
+def _cached_download(cache: Path, run_id: str, download) -> Path:
+    """`cache/<run_id>/model_dir`, downloaded once: into `cache/.tmp-<random>`, marked complete, then moved
+    to its name with one rename, so an entry is there whole or not at all (a download cut off by a crash or
+    a full disk leaves only a .tmp- directory, removed by a later call once it is a day old). Artifacts of
+    a finished run never change: a complete entry is reused as it is. An entry without the mark (written by
+    an older version, which downloaded in place) is set aside and fetched again."""
+    final = cache / run_id
+    if (final / CACHE_COMPLETE).exists():
+        return final / "model_dir"
+    cache.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(cache)
+    if final.exists():  # incomplete: moved aside first (one rename), then removed
+        aside = Path(tempfile.mkdtemp(prefix=CACHE_TMP_PREFIX, dir=cache))
+        try:
+            os.replace(final, aside / run_id)
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(aside, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=CACHE_TMP_PREFIX, dir=cache))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the entry is an ordinary directory
+        local = Path(download(tmp))
+        if local.resolve() != (tmp / "model_dir").resolve():
+            raise RuntimeError(f"model download landed in {local}, not in {tmp / 'model_dir'}")
+        (tmp / CACHE_COMPLETE).touch()
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process put it in place meanwhile: theirs is as good
+            if not (final / CACHE_COMPLETE).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
+    return final / "model_dir"
+
+
+def _remove_stale_tmp(cache: Path) -> None:
+    """Downloads a crash cut off, left a day ago or more (a recent one may still be running elsewhere)."""
+    now = time.time()
+    for entry in cache.glob(f"{CACHE_TMP_PREFIX}*"):
+        try:
+            if now - entry.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _uri(tracking_uri: str | None, what: str) -> str:

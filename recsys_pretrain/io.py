@@ -3,7 +3,9 @@ never missing.
 
 A directory output (`atomic_dir`) is written into a version directory beside it and published by
 swapping a symlink with one rename: `out -> .out.v-<pid>-<token>`. Readers see the old version or the new
-one, whole, and `out` exists throughout. Versions, staging leftovers and link temporaries of killed runs
+one, and `out` exists throughout; a replaced version is kept for RETIRED_GRACE_S after its swap, so a
+reader that resolved the link just before it still finds its files. A reader that opens several files of one
+output should resolve the link once (`Path(out).resolve()`) and read them all from that version. Versions, staging leftovers and link temporaries of killed runs
 (their process is gone) are removed by the next write of the same output.
 
 An output directory is replaced only when this project wrote it (a `.recsys-pretrain` marker in it, or
@@ -28,6 +30,17 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 MARKER = ".recsys-pretrain"  # in every directory `atomic_dir` publishes
+# What this project's outputs held before they carried the marker (ingest, prepare, labels, a model, an
+# index, a ranker): such a directory is recognised as its own, so an upgrade does not stop the nightly flow.
+LEGACY_LAYOUTS = (("report.json", "events.parquet", "vocab.json"), ("meta.json", "loo.parquet"),
+                  ("labels.parquet", "labels_report.json"), ("model.json", "weights.pt"), ("index.json",),
+                  ("ranker.json", "weights.pt"))
+# A version replaced by a newer one is kept this long after it stopped being published, so that a reader who
+# resolved the link just before a swap (and was then descheduled) still finds its files.
+RETIRED_GRACE_S = 60.0
+RETIRED = ".retired"  # in a version directory: when it stopped being the published one
+# Staging directories of the older layout (`.<name>.staging-<random>`) name no process: removed once this old.
+LEGACY_STAGING_AGE_S = 3600.0
 
 
 class OutputError(ValueError):
@@ -85,7 +98,9 @@ def written_here(path: str | Path) -> bool:
         return False
     if not path.exists():
         return True
-    return (path / MARKER).exists() or not any(path.iterdir())
+    if (path / MARKER).exists() or not any(path.iterdir()):
+        return True
+    return any(all((path / f).exists() for f in layout) for layout in LEGACY_LAYOUTS)
 
 
 def check_output(path: str | Path, inputs: Iterable[str | Path] = (), force: bool = False) -> None:
@@ -123,6 +138,16 @@ def _leftover_pid(name: str, stem: str) -> int | None:
     return None
 
 
+def _legacy_staging(entry: Path, stem: str) -> bool:
+    """A staging directory of the older layout (`.<stem>.staging-<mkdtemp suffix>`, no pid) left long ago."""
+    if not entry.name.startswith(f".{stem}.staging-") or _leftover_pid(entry.name, stem) is not None:
+        return False
+    try:
+        return time.time() - entry.lstat().st_mtime > LEGACY_STAGING_AGE_S
+    except OSError:
+        return False
+
+
 def _remove(p: Path) -> None:
     if p.is_symlink() or not p.is_dir():
         p.unlink(missing_ok=True)
@@ -140,10 +165,9 @@ def clean_stale(path: str | Path) -> list[Path]:
     removed = []
     for entry in path.parent.iterdir():
         pid = _leftover_pid(entry.name, path.name)
-        if pid is None or entry == live or pid_alive(pid):  # a live pid: a write still in progress
-            continue
-        _remove(entry)
-        removed.append(entry)
+        if _legacy_staging(entry, path.name) or (pid is not None and entry != live and not pid_alive(pid)):
+            _remove(entry)  # (a live pid: a write still in progress)
+            removed.append(entry)
     return removed
 
 
@@ -162,21 +186,31 @@ def atomic_dir(path: str | Path, inputs: Iterable[str | Path] = (), force: bool 
     published = False
     try:
         yield version
-        (version / MARKER).write_text(json.dumps({"written_by": "recsys-pretrain", "at": time.time()}) + "\n")
         os.chmod(version, 0o777 & ~_UMASK)
         link = path.parent / f".{path.name}.link-{tag}"
         os.symlink(version.name, link)
-        old = _version_of(path)
-        if path.is_symlink() or not path.exists():
-            os.replace(link, path)  # one rename: `path` is never missing
-        else:  # a plain directory (an older layout, or a forced replace): moved aside first, once
-            aside = path.parent / f".{path.name}.old-{tag}"
-            os.replace(path, aside)
-            os.replace(link, path)
-            _remove(aside)
-        published = True
-        if old is not None and old != version:
-            shutil.rmtree(old, ignore_errors=True)
+        with file_lock(path.parent / f".{path.name}.lock"):  # one publish of this output at a time
+            (version / MARKER).write_text(json.dumps({"written_by": "recsys-pretrain", "at": time.time()}) + "\n")
+            old = _version_of(path)
+            if path.is_symlink() or not path.exists():
+                os.replace(link, path)  # one rename: `path` is never missing
+            else:  # a plain directory (an older layout, or a forced replace): moved aside first, once
+                aside = path.parent / f".{path.name}.old-{tag}"
+                os.replace(path, aside)
+                os.replace(link, path)
+                _remove(aside)
+            published = True
+            if old is not None and old.exists():
+                (old / RETIRED).touch()
+            # Versions retired more than RETIRED_GRACE_S ago go (a reader who resolved the link to one just
+            # before its swap has had time to open its files); versions still being written (no marker yet,
+            # it is written only here) are left to their writers.
+            now = time.time()
+            for entry in path.parent.iterdir():
+                if entry.name.startswith(f".{path.name}.v-") and entry != version and (entry / MARKER).exists():
+                    retired = entry / RETIRED
+                    if not retired.exists() or now - retired.stat().st_mtime > RETIRED_GRACE_S:
+                        _remove(entry)
     finally:
         if not published:
             shutil.rmtree(version, ignore_errors=True)
@@ -208,8 +242,20 @@ def file_lock(path: str | Path, timeout_s: float | None = None) -> Iterator[None
         os.close(fd)  # closing releases the lock
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True for 'no space left' (or quota) errors, however the library that hit it reports them."""
+def is_disk_full(exc: BaseException, where: str | Path | None = None) -> bool:
+    """True for 'no space left' (or quota) errors, however the library that hit it reports them: by errno
+    or message, or (torch and NumPy report a short write without either) when the file system of `where`
+    has under 1 MiB free."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc)
+    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        return True
+    if where is None or not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe).free < (1 << 20)
+    except OSError:
+        return False

@@ -134,8 +134,9 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     from recsys_pretrain.checkpoint import item_overlap
     from recsys_pretrain.data.forget import forget_pending
     from recsys_pretrain.index import resolve_model_dir
+    from recsys_pretrain.recipes import resolve as resolve_recipe
     from recsys_pretrain.tracking import champion_trained_at, get_alias_version
-    from recsys_pretrain.train.pretrain import CLOSED_FORM
+    from recsys_pretrain.train.pretrain import CLOSED_FORM, load_prepared
     from recsys_pretrain.vocab import Vocab
 
     if not cfg.flow.warm_start:
@@ -155,7 +156,8 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     shape_keys = ("dim", "n_heads", "n_layers", "max_len", "ffn_mult", "loss")  # what sizes and shapes the weights
     old_cfg = json.loads((Path(source) / "model.json").read_text())["config"]
     arch = {k: old_cfg.get(k) for k in shape_keys}
-    now = {k: getattr(getattr(cfg.pretrain, model), k, None) for k in shape_keys}
+    resolved, _ = resolve_recipe(model, getattr(cfg.pretrain, model), load_prepared(prepared).train_seqs)
+    now = {k: getattr(resolved, k, None) for k in shape_keys}
     if arch != now:
         return None, f"from scratch: the architecture changed since champion v{champ['version']}"
     overlap = item_overlap(source, Vocab.load(Path(prepared) / "vocab.json"))
@@ -187,26 +189,30 @@ def champion_metric(champ: dict | None, prepared: str, cfg: RunConfig, tracking_
 
 def promote(name: str, model_uri: str, value: float, champion_value, gates, cfg: RunConfig,
             tracking_uri: str) -> tuple[int, GateResult, str]:
-    """Register `model_uri` as a new version of `name` and move `name@champion` to it only if `value`
-    passes the promotion gate against the champion's `champion_value(champ) -> (value, note)`.
+    """Register `model_uri` as a version of `name` and move `name@champion` to it only if `value` passes
+    the promotion gate against the champion's `champion_value(champ) -> (value, note)`.
 
-    Serialised: a lock on the data directory holds one promotion at a time, and the alias moves by
-    compare-and-set (the champion is read again just before the move; if another promotion moved it
-    meanwhile, the gate is run again against the new champion). Returns (version, gate, note)."""
+    Serialised: a lock on the data directory holds one promotion at a time (with the flow's Prefect slot
+    around it). Registration is idempotent (a retried task finds the version it registered), and the gate
+    runs again if the champion moved between its read and the move (a writer outside the lock); a window
+    between the last read and the move remains for such writers. Returns (version, gate, note)."""
     from recsys_pretrain.tracking import get_alias_version, register_model, set_alias
 
     with file_lock(root(cfg) / ".promotion.lock"):
-        version = register_model(model_uri, name, tracking_uri)
+        champ = get_alias_version(name, "champion", tracking_uri)
+        champ_value, note = champion_value(champ)
+        gate = promotion_gate(value, champ_value, gates)
+        version = register_model(model_uri, name, tracking_uri, reuse=True)
         for _ in range(10):
-            champ = get_alias_version(name, "champion", tracking_uri)
-            champ_value, note = champion_value(champ)
-            gate = promotion_gate(value, champ_value, gates)
-            if not gate.passed:
-                break
             now = get_alias_version(name, "champion", tracking_uri)
-            if (now or {}).get("version") == (champ or {}).get("version"):
+            if (now or {}).get("version") != (champ or {}).get("version"):  # moved meanwhile: gate again
+                champ = now
+                champ_value, note = champion_value(champ)
+                gate = promotion_gate(value, champ_value, gates)
+                continue
+            if gate.passed:
                 set_alias(name, "champion", version, tracking_uri)
-                break
+            break
         else:
             raise RuntimeError(f"{name}: the champion kept moving during promotion; version {version} stays a challenger")
     return version, gate, note
@@ -273,12 +279,14 @@ def publish_index_step(cfg: RunConfig, tracking_uri: str, parent_run_id: str | N
     else:
         return {"published": False, "why": "no champion registered"}
     source = f"models:/{name}@champion"
-    out = root(cfg) / "serving" / f"{name}-v{champ['version']}"
-    res = build_model_index(source, out, cfg.index, tracker=MLflowTracker(tracking_uri), tracking_uri=tracking_uri,
-                            cache_dir=_model_cache(cfg), parent_run_id=parent_run_id)
-    current = {"model": source, "version": champ["version"], "run_id": champ["run_id"], "path": str(out),
-               "recall_at_10": res.meta["recall"].get("recall_at_10"), "index_run_id": res.run_id}
-    write_json(root(cfg) / "serving" / "current.json", current)
+    with file_lock(root(cfg) / ".promotion.lock"):  # the champion read, its index and the pointer: one step
+        champ = get_alias_version(name, "champion", tracking_uri)
+        out = root(cfg) / "serving" / f"{name}-v{champ['version']}"
+        res = build_model_index(source, out, cfg.index, tracker=MLflowTracker(tracking_uri),
+                                tracking_uri=tracking_uri, cache_dir=_model_cache(cfg), parent_run_id=parent_run_id)
+        current = {"model": source, "version": champ["version"], "run_id": champ["run_id"], "path": str(out),
+                   "recall_at_10": res.meta["recall"].get("recall_at_10"), "index_run_id": res.run_id}
+        write_json(root(cfg) / "serving" / "current.json", current)
     return {"published": True, **current}
 
 

@@ -4,8 +4,10 @@
     pseudonymise(pl.Series(["alice-7731"]), key)       # -> 32 hex characters, the same for the same key
 
 Ingestion replaces the user id with its token before anything is written (events, quarantine, vocab),
-so models, MLflow and the index only ever hold tokens; `recommend` hashes a caller's raw ids with the
-same key before the lookup. The key lives in an environment variable or a file named by config
+so models, MLflow and the index only ever hold tokens. Quarantined text that may hold other rows' ids
+(every field of a malformed row or of one with extra fields, and any value spanning lines: an open quote
+swallowed the rows after it) is replaced by tokens of that text (`pseudonymise_raw_text`). `recommend`
+hashes a caller's raw ids with the same key before the lookup. The key lives in an environment variable or a file named by config
 (`ingest.pseudonymise_key_env` / `ingest.pseudonymise_key_file`); only those names are recorded.
 
 The hash is of an id's canonical text: an integer id as its decimal digits (`42`, never `0042`), a text
@@ -144,6 +146,29 @@ def pseudonymise_columns(lf: pl.LazyFrame, columns: Sequence[str], key: bytes, i
     names = set(lf.collect_schema().names())
     return lf.with_columns([pseudonymise(canonical_id_expr(pl.col(c), id_type), key).alias(c)
                             for c in columns if c in names])
+
+
+# Quarantine reasons whose row's fields may hold other rows' text: an open quote swallows the lines after it,
+# a row with extra fields puts values (ids among them) in the wrong columns.
+BROKEN_ROW_REASONS = ("malformed_row", "extra_fields")
+
+
+def pseudonymise_raw_text(lf: pl.LazyFrame, columns: Sequence[str], key: bytes, broken: pl.Expr,
+                          id_type: str = "str") -> pl.LazyFrame:
+    """Quarantined raw text that may hold user ids of other rows replaced by tokens of its canonical text
+    (`canonical_id`): every value of `columns` in the rows where `broken` holds (see BROKEN_ROW_REASONS),
+    and, in any row, a value that spans lines (a quote left open swallowed the lines after it, ids and all).
+    Other values stay as read. Null stays null; columns `lf` lacks are skipped."""
+    names = set(lf.collect_schema().names())
+    out = []
+    for c in columns:
+        if c not in names:
+            continue
+        raw = pl.col(c).cast(pl.String)
+        hide = (broken | raw.str.contains(r"[\r\n]")).fill_null(False)
+        hashed = pseudonymise(canonical_id_expr(pl.when(hide).then(raw), id_type), key)
+        out.append(pl.when(hide).then(hashed).otherwise(raw).alias(c))
+    return lf.with_columns(out) if out else lf
 
 
 def looks_pseudonymised(users: pl.Series) -> bool:

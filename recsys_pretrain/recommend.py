@@ -76,7 +76,8 @@ class Recommender:
                  user_vectors: np.ndarray, histories: sp.csr_matrix, popularity: np.ndarray, *,
                  categories: np.ndarray | None = None, category_names: list[str] | None = None,
                  reranker: Reranker | None = None, reranker_name: str | None = None, rerank_pool: int = 100,
-                 max_k: int = DEFAULT_MAX_K, source: dict | None = None, user_key: bytes | None = None):
+                 max_k: int = DEFAULT_MAX_K, source: dict | None = None, user_key: bytes | None = None,
+                 user_id_type: str = "str"):
         if index.n_items != vocab.n_items:
             raise IndexMismatchError(f"index has {index.n_items} items, the model's vocabulary {vocab.n_items}")
         if user_vectors.shape != (vocab.n_users, index.dim):
@@ -85,6 +86,7 @@ class Recommender:
             raise ValueError(f"histories {histories.shape}, expected ({vocab.n_users}, {vocab.n_items + 1})")
         if max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {max_k}")
+        _check_id_type(user_id_type)
         self.model, self.meta, self.vocab, self.index = model, meta, vocab, index
         self._users, self._items = _IdMap(vocab.users, 0), _IdMap(vocab.items, 1)
         self.user_vectors = user_vectors  # (n_users, d)
@@ -97,8 +99,10 @@ class Recommender:
         self.reranker, self.reranker_name, self.rerank_pool = reranker, reranker_name, rerank_pool
         self.max_k = max_k
         self.source = source or {}
-        # privacy: with the key user ids were pseudonymised with at ingest, callers' raw ids are hashed first
+        # privacy: with the key user ids were pseudonymised with at ingest, callers' raw ids are hashed first,
+        # as ingest hashed them: canonical text, integers as their decimal digits when the ids were integers
         self._user_key = user_key
+        self._user_id_type = user_id_type
 
     # ---- construction -----------------------------------------------------------------------------------------
     @classmethod
@@ -106,11 +110,12 @@ class Recommender:
              categories: str | Path | None = None, reranker: Reranker | None = None,
              reranker_name: str | None = None, rerank_pool: int = 100, max_k: int = DEFAULT_MAX_K,
              index_config: IndexConfig | None = None, cache_dir: str | Path | None = None,
-             user_key: bytes | None = None) -> Recommender:
+             user_key: bytes | None = None, user_id_type: str = "str") -> Recommender:
         """A model (directory, MLflow run id, runs:/RUN_ID or models:/NAME@ALIAS) with its index directory,
         which must have been built from this model's item vectors (checked); without one, an exact index
         is built in memory. `categories`: a table with item_id and category_id columns (e.g. the ingested
-        events.parquet) enabling the category filter."""
+        events.parquet) enabling the category filter. `user_key`: see `with_user_key`; `user_id_type`: the
+        ingest format's id type ("int": a raw id "0042" is user 42, as ingest read it)."""
         from recsys_pretrain.checkpoint import load_model_dir
 
         model_dir = resolve_model_dir(model, tracking_uri, cache_dir)
@@ -129,15 +134,20 @@ class Recommender:
         return cls(net, meta, vocab, item_index, np.load(model_dir / "user_embeddings.npy"),
                    sp.load_npz(model_dir / "histories.npz"), np.load(model_dir / "popularity.npy"),
                    categories=cats, category_names=names, reranker=reranker, reranker_name=reranker_name,
-                   rerank_pool=rerank_pool, max_k=max_k, user_key=user_key,
+                   rerank_pool=rerank_pool, max_k=max_k, user_key=user_key, user_id_type=user_id_type,
                    source={"model": str(model), "model_dir": str(model_dir),
                            "index": str(index) if index is not None else None})
 
-    def with_user_key(self, key: bytes | None) -> Recommender:
+    def with_user_key(self, key: bytes | None, id_type: str | None = None) -> Recommender:
         """This recommender (sharing its arrays) taking raw user ids hashed with `key`, the key the data was
-        pseudonymised with (privacy.load_key); None: user ids are looked up as given."""
+        pseudonymised with (privacy.load_key); None: user ids are looked up as given. `id_type`: the ingest
+        format's id type ("str" | "int", which hashes "0042" as "42"); None keeps this recommender's."""
+        if id_type is not None:
+            _check_id_type(id_type)
         other = copy.copy(self)
         other._user_key = key
+        if id_type is not None:
+            other._user_id_type = id_type
         return other
 
     def metadata(self) -> dict[str, Any]:
@@ -164,7 +174,7 @@ class Recommender:
         allowed = self._allowed(category)
         lookup = list(user_ids)
         if self._user_key is not None:  # privacy: the vocabulary holds tokens; hash the raw ids the same way
-            lookup = privacy.pseudonymise_ids(lookup, self._user_key)
+            lookup = privacy.pseudonymise_ids(lookup, self._user_key, self._user_id_type)
         users = self._users.index(lookup)  # (b,) -1 = unknown
         known = np.flatnonzero(users >= 0)
         answers: list[Answer | None] = [None] * len(users)
@@ -351,6 +361,11 @@ class Recommender:
 
 # ---- helpers ------------------------------------------------------------------------------------------------
 _INT = re.compile(r"^[+-]?\d+$")
+
+
+def _check_id_type(id_type: str) -> None:
+    if id_type not in ("str", "int"):
+        raise ValueError(f"user_id_type must be 'str' or 'int', got {id_type!r}")
 
 
 def _coerce(x: Any, as_int: bool) -> Any:

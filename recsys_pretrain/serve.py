@@ -12,8 +12,15 @@ field 422, an unknown item 404, a body over the limit 413, headers too slow 408,
 422 quotes at most a short excerpt of the input, never the input itself.
 
 Admin: `Authorization: Bearer <token>` with `serve.admin_token` or $RECSYS_ADMIN_TOKEN (compared in constant
-time). With no token set, the admin routes answer only when the server is bound to loopback, and 403
-otherwise. Admins also see filesystem paths (in /metadata and reload errors); others see them redacted.
+time). With no token set, the admin routes answer only a request that comes straight from loopback to a
+server bound to loopback: its client address loopback and no X-Forwarded-For / Forwarded / X-Real-IP header
+(a reverse proxy on the same host would otherwise open them to whoever reaches the proxy); 403 otherwise.
+Admins also see filesystem paths (in /metadata and reload errors); others see them redacted.
+
+Pseudonymised user ids: with `serve.user_key_env` / `serve.user_key_file` (the key of ingest's
+pseudonymisation) /recommend/{user_id} takes a raw id and hashes it as ingest did; the key is read again
+at every (re)load. Raw ids are then in request URLs: the access log is off by default, and when turned on
+writes `<user>` in their place.
 
 A new index is swapped in without dropping a request: each request reads the current `Recommender` once
 and uses that object to the end, while a reload builds the replacement beside it and then replaces one
@@ -39,6 +46,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,6 +61,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from recsys_pretrain import privacy
 from recsys_pretrain.config import ServeConfig
 from recsys_pretrain.recommend import Answer, Recommender
 
@@ -293,9 +302,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# Headers a proxy adds: a request carrying one came through a proxy, whatever address it connects from.
+PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+
+
 class AdminGuard:
-    """Who may use the admin routes: the holder of the token; with no token, anyone on a loopback-bound
-    server (the local-development default), and nobody otherwise."""
+    """Who may use the admin routes: the holder of the token; with no token, a request straight from
+    loopback (its client address loopback, no proxy header) to a loopback-bound server (the local-development
+    default), and nobody otherwise. The bind alone is not enough: a reverse proxy on the same host connects
+    from loopback on behalf of anyone who reaches it."""
 
     def __init__(self, token: str | None, host: str):
         # compared as digests: equal lengths, so the comparison's time tells nothing, the length included
@@ -305,10 +320,14 @@ class AdminGuard:
     def refuse(self, request: Request) -> JSONResponse | None:
         """None when the request may act as an admin, else the error to answer with."""
         if self._token is None:
-            if self._open:
-                return None
-            return _error(403, f"admin: the admin routes are off: set serve.admin_token or {ADMIN_TOKEN_ENV} "
-                               "(the server is not bound to loopback)")
+            if not self._open:
+                return _error(403, f"admin: the admin routes are off: set serve.admin_token or {ADMIN_TOKEN_ENV} "
+                                   "(the server is not bound to loopback)")
+            client = request.client.host if request.client is not None else ""
+            if not is_loopback(client) or any(h in request.headers for h in PROXY_HEADERS):
+                return _error(403, f"admin: without serve.admin_token or {ADMIN_TOKEN_ENV} the admin routes answer "
+                                   "only local clients connecting directly, not through a proxy")
+            return None
         scheme, _, got = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not got.strip():
             return _error(401, "authorization: an admin token is required (Authorization: Bearer <token>)",
@@ -590,29 +609,51 @@ def trusted_reranker(uri: str, trusted: tuple[str, ...]) -> tuple[str, str | Non
     return name, alias, version
 
 
+def serve_user_key(cfg: ServeConfig) -> bytes | None:
+    """The key serve.user_key_env / serve.user_key_file point at (None when neither is set); errors name the
+    variable or the file, never the key."""
+    if cfg.user_id_type not in ("str", "int"):
+        raise ValueError(f"serve.user_id_type must be 'str' or 'int', got {cfg.user_id_type!r}")
+    try:
+        return privacy.load_key(cfg.user_key_env, cfg.user_key_file)
+    except privacy.PrivacyError as exc:
+        raise privacy.PrivacyError(f"serve.user_key_env / serve.user_key_file: {exc}") from None
+
+
 def load_recommender(cfg: ServeConfig, tracking_uri: str | None = None, *, cache_dir: str | Path | None = None,
                      rerankers: dict | None = None) -> Recommender:
-    """The Recommender the config names: model, index (or pointer file), categories, re-ranker.
+    """The Recommender the config names: model, index (or pointer file), categories, re-ranker, and the user
+    key (serve.user_key_env / _file, read now: then user ids are raw ones, hashed as ingest hashed them).
 
     MLflow models are downloaded into `cache_dir` (else serve.cache_dir, else a temp directory removed once
     the model is in memory). `rerankers` keeps the loaded re-ranker by registered version between calls, so
     a reload downloads and unpickles one only when its alias has moved."""
+    user_key = serve_user_key(cfg)  # privacy: never logged; a reload reads it again
     model, index = sources(cfg)  # read each time: the pointer may have moved
+    cache = cache_dir if cache_dir is not None else cfg.cache_dir
     reranker = None
     if cfg.reranker:
-        reranker = _load_reranker(cfg, tracking_uri, rerankers)
-    cache = cache_dir if cache_dir is not None else cfg.cache_dir
+        reranker = _load_reranker(cfg, tracking_uri, rerankers, cache)
     tmp = tempfile.TemporaryDirectory(prefix="recsys-model-") if cache is None else None
     try:
-        return Recommender.load(model, index, tracking_uri=tracking_uri, categories=cfg.categories,
-                                reranker=reranker, reranker_name=cfg.reranker, rerank_pool=cfg.rerank_pool,
-                                max_k=cfg.max_k, cache_dir=tmp.name if tmp is not None else cache)
+        rec = Recommender.load(model, index, tracking_uri=tracking_uri, categories=cfg.categories,
+                               reranker=reranker, reranker_name=cfg.reranker, rerank_pool=cfg.rerank_pool,
+                               max_k=cfg.max_k, cache_dir=tmp.name if tmp is not None else cache,
+                               user_key=user_key, user_id_type=cfg.user_id_type)
     finally:
         if tmp is not None:  # everything is read into memory by now
             tmp.cleanup()
+    if user_key is not None and rec.vocab.n_users and not privacy.looks_pseudonymised(rec.vocab.users):
+        raise ValueError("serve.user_key_env / serve.user_key_file: a user key is set, but the model's user ids "
+                         "are not pseudonymised (ingested without a key): no raw id would be found")
+    return rec
 
 
-def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict | None):
+RERANKER_DIR = "rerankers"  # in the download cache: one directory per loaded re-ranker
+
+
+def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict | None,
+                   cache: str | Path | None = None):
     from recsys_pretrain.recommend import pyfunc_reranker
     from recsys_pretrain.tracking import get_alias_version, load_pyfunc
 
@@ -627,8 +668,23 @@ def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict |
     key = (name, version)
     if rerankers is not None and key in rerankers:
         return rerankers[key]
-    # the version itself, not the alias: what was checked is what is loaded, even if the alias moves now
-    reranker = pyfunc_reranker(load_pyfunc(f"models:/{name}/{version}", tracking_uri), cfg.reranker_column)
+    # Downloaded into the server's cache (else one temp directory), never into a temp directory MLflow would
+    # leave behind at every load; the directory goes with the re-ranker: once no Recommender holds it (a
+    # reload moved on and the last request on the old one returned), or at exit.
+    if cache is not None:
+        parent = Path(cache) / RERANKER_DIR
+        parent.mkdir(parents=True, exist_ok=True)
+        dst = Path(tempfile.mkdtemp(prefix=f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-v{version}-", dir=parent))
+    else:
+        dst = Path(tempfile.mkdtemp(prefix="recsys-reranker-"))
+    try:
+        # the version itself, not the alias: what was checked is what is loaded, even if the alias moves now
+        reranker = pyfunc_reranker(load_pyfunc(f"models:/{name}/{version}", tracking_uri, dst_path=dst),
+                                   cfg.reranker_column)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    weakref.finalize(reranker, shutil.rmtree, str(dst), True)
     if rerankers is not None:
         rerankers.clear()  # only the one served is kept
         rerankers[key] = reranker
@@ -636,11 +692,13 @@ def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict |
 
 
 def _prune_cache(cache: Path, rec: Recommender) -> None:
-    """Remove the cache's downloads other than the served model's (it is in memory; they are old runs)."""
+    """Remove the cache's downloads other than the served model's (it is in memory; they are old runs) and
+    the re-rankers' directory (each removed with its re-ranker); cut-off downloads (.tmp-*) go too."""
     model_dir = rec.source.get("model_dir")
-    keep = Path(model_dir).parent.resolve() if model_dir else None
+    keep = {Path(model_dir).parent.resolve()} if model_dir else set()
+    keep.add((cache / RERANKER_DIR).resolve())
     for entry in cache.iterdir():
-        if entry.resolve() != keep:
+        if entry.resolve() not in keep:
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -653,6 +711,7 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
     if cfg.reranker:
         trusted_reranker(cfg.reranker, cfg.trusted_reranker_names)
     admin_token(cfg)
+    serve_user_key(cfg)
 
     own_cache = cfg.cache_dir is None
     cache = Path(tempfile.mkdtemp(prefix="recsys-serve-cache-")) if own_cache else Path(cfg.cache_dir)
@@ -678,15 +737,34 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
     return holder
 
 
+_USER_IN_PATH = re.compile(r"(/recommend/)[^?\s]+")
+
+
+class UserIdRedactor(logging.Filter):
+    """uvicorn's access log with `<user>` for the user id of /recommend/{user_id} (a raw id when a user key
+    is configured)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            record.args = (*args[:2], _USER_IN_PATH.sub(r"\1<user>", args[2]), *args[3:])
+        return True
+
+
 def make_server(app: FastAPI, cfg: ServeConfig):
     import uvicorn
 
     protocol = type("DeadlineH11Protocol", (_DeadlineH11Protocol,),
                     {"header_timeout_s": cfg.header_timeout_s, "body_timeout_s": cfg.body_timeout_s})
-    return uvicorn.Server(uvicorn.Config(
+    server = uvicorn.Server(uvicorn.Config(
         app, host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
         timeout_graceful_shutdown=10, http=protocol, timeout_keep_alive=cfg.keep_alive_s,
         h11_max_incomplete_event_size=cfg.max_header_bytes, limit_concurrency=cfg.limit_concurrency or None))
+    if cfg.access_log and (cfg.user_key_env or cfg.user_key_file):  # privacy: raw user ids are in the URLs
+        access = logging.getLogger("uvicorn.access")
+        if not any(isinstance(f, UserIdRedactor) for f in access.filters):
+            access.addFilter(UserIdRedactor())
+    return server
 
 
 def serve(cfg: ServeConfig, tracking_uri: str | None = None) -> None:

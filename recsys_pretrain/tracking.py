@@ -739,14 +739,18 @@ class NullTracker:
 # registry (champion/challenger gate)
 
 
-def register_model(model_uri: str, name: str, tracking_uri: str) -> int:
-    """New version of registered model `name` (created when missing) from `model_uri`; returns the version."""
+def register_model(model_uri: str, name: str, tracking_uri: str, reuse: bool = False) -> int:
+    """New version of registered model `name` (created when missing) from `model_uri`; returns the version.
+    `reuse`: a model URI already registered under `name` returns that version (a retried task registers once)."""
     client = _client(tracking_uri)
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
         if not _is(exc, RESOURCE_ALREADY_EXISTS):
             raise
+    same = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == model_uri] if reuse else []
+    if same:
+        return min(int(v.version) for v in same)
     run_id = model_id = None
     if model_uri.startswith("models:/"):
         rest = model_uri[len("models:/") :]
@@ -782,11 +786,15 @@ def get_alias_version(name: str, alias: str, tracking_uri: str) -> dict | None:
     return {"version": int(mv.version), "run_id": mv.run_id, "source": mv.source}
 
 
-def load_pyfunc(model_uri: str, tracking_uri: str):
-    """`mlflow.pyfunc.load_model` against `tracking_uri` (models:/name@alias, models:/<id>, runs:/...)."""
+def load_pyfunc(model_uri: str, tracking_uri: str, dst_path: str | Path | None = None):
+    """`mlflow.pyfunc.load_model` against `tracking_uri` (models:/name@alias, models:/<id>, runs:/...).
+    The model is downloaded into `dst_path` (created if missing; the caller removes it when done), else
+    into a fresh temp directory that MLflow never removes."""
     _activate(tracking_uri)  # models:/ resolution only reads the global registry URI
+    if dst_path is not None:
+        Path(dst_path).mkdir(parents=True, exist_ok=True)
     with _quiet():
-        return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri, dst_path=None if dst_path is None else str(dst_path))
 
 
 def download_artifacts(

@@ -159,6 +159,18 @@ def _check_spec(key: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"type": kind, "low": low, "high": high, "log": log_scale, "step": step}
 
 
+def _is_int_setting(base, key: str) -> bool:
+    """Whether the config field at dotted `key` is declared an integer (`int`, or `int | None` for a setting
+    derived from the data when unset), read off the dataclass annotation rather than the current value."""
+    *path, name = key.split(".")
+    obj = base
+    for part in path:
+        obj = getattr(obj, part)
+    ann = str(next(f.type for f in dataclasses.fields(obj) if f.name == name))
+    kinds = {t.strip() for t in ann.split("|")} - {"None"}
+    return kinds == {"int"}
+
+
 def resolve_space(cfg: TuneConfig, base: PretrainConfig) -> dict[str, dict[str, Any]]:
     """The checked space: every key a real setting of `cfg.model` that every value of its distribution
     may take (through the same conversion as the config loader), so that a typo fails before any trial."""
@@ -182,7 +194,7 @@ def resolve_space(cfg: TuneConfig, base: PretrainConfig) -> dict[str, dict[str, 
             current = _get(checked, key)
             if dataclasses.is_dataclass(current):
                 raise ConfigError(f"tune.space.{key}: a section, not a setting")
-        if spec["type"] == "float" and isinstance(_get(base, key), int) and not isinstance(_get(base, key), bool):
+        if spec["type"] == "float" and _is_int_setting(base, key):
             raise ConfigError(f"tune.space.{key}: an integer setting; declare type int or categorical")
         out[key] = spec
     return out

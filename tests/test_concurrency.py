@@ -109,3 +109,12 @@ def test_credentials_never_reach_summaries():
     md = N.summary_markdown({"mlflow_run_id": "abc", "models": {}}, uri)
     assert "s3cret" not in md and "alice" not in md and "mlflow.example.org" in md
     assert redact_uri("sqlite:///data/mlflow.db") == "sqlite:///data/mlflow.db"
+
+
+def test_a_retried_promotion_registers_once(challengers, tiny_prepared):
+    cfg = load_config(None, [f"data_dir={challengers['root']}"])
+    name, uri = "retried", challengers["uri"]
+    first = N.promote_step(name, challengers["strong"], str(tiny_prepared["prepared"]), cfg, uri)
+    again = N.promote_step(name, challengers["strong"], str(tiny_prepared["prepared"]), cfg, uri)
+    assert first["version"] == again["version"] == 1
+    assert [int(v.version) for v in MlflowClient(uri).search_model_versions(f"name = '{name}'")] == [1]

@@ -41,4 +41,4 @@ def test_nested_sections_merge_onto_their_defaults():
     cfg = load_config(None, ["pretrain.mf.train.lr=0.02", "pretrain.bert4rec.n_layers=3"])
     assert cfg.pretrain.mf.train.lr == 0.02
     assert cfg.pretrain.mf.train.eval_every == MFConfig().train.eval_every != TrainConfig().eval_every  # MF's own
-    assert cfg.pretrain.bert4rec.n_layers == 3 and cfg.pretrain.bert4rec.dim == 128
+    assert cfg.pretrain.bert4rec.n_layers == 3 and cfg.pretrain.bert4rec.dim is None  # derived from the data

@@ -206,3 +206,36 @@ def test_compose_config_accepts_the_file_with_an_env_file(tmp_path):
     # a missing secret stops compose, naming it
     out = _compose_config(tmp_path, cli, {**env, "RECSYS_ADMIN_TOKEN": ""})
     assert out.returncode != 0 and "RECSYS_ADMIN_TOKEN" in out.stderr
+
+
+def test_the_service_runs_unprivileged_and_only_reads_the_data():
+    services = _services()
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    users = [ln.split()[1] for ln in dockerfile.splitlines() if ln.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as root"
+    # the mount points of the named volumes belong to that user, so new volumes start out writable by it
+    user = users[-1].split(":")[0]
+    for path in ("/app/data", "/mlartifacts", "/mlflow-auth"):
+        assert re.search(rf"chown {user}:\S+ [^\n]*{re.escape(path)}\b", dockerfile), path
+    serve = services["serve"]
+    assert serve.get("user") in (None, user), "the public service overrides the image's user"
+    data = [v for v in serve["volumes"] if v.split(":")[0] == "data"]
+    assert data == ["data:/app/data:ro"], data
+    assert all(v.endswith(":ro") for v in serve["volumes"]), serve["volumes"]
+    # its downloads go to a temp directory: a tmpfs, writable by any user
+    assert any(str(t).split(":")[0] == "/tmp" for t in serve.get("tmpfs", [])), "serve has no writable /tmp"
+    # root only where a volume an older image created as root must be written
+    writers = {n for n, s in services.items() if "build" in s and s.get("user") in ("root", "0")}
+    assert writers <= {"prefect-worker", "mlflow"}, writers
+    for name in writers:
+        assert any(":ro" not in v for v in services[name].get("volumes", [])), name
+
+
+def test_the_service_does_not_log_in_to_mlflow_as_the_admin():
+    example = _env_example()
+    assert example["MLFLOW_SERVE_USERNAME"] == "", "docker/.env.example names an MLflow user for the service"
+    assert example["MLFLOW_SERVE_USERNAME"] != example["MLFLOW_TRACKING_USERNAME"]
+    text = ENV_EXAMPLE.read_text()
+    assert re.search(r"read-only MLflow user must be created", text)
+    env = _services()["serve"]["environment"]
+    assert "MLFLOW_SERVE_USERNAME:?" in env["MLFLOW_TRACKING_USERNAME"]  # compose refuses to start without it

@@ -6,14 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import polars as pl
 import pytest
 
+from recsys_pretrain.checkpoint import load_model_dir
 from recsys_pretrain.config import SynthConfig
 from recsys_pretrain.data.synthetic import write_synthetic
-
-KILL_AFTER_S = (1.5, 3.0)  # interpreter start-up is about a second: these land in imports, reading or writing
+from recsys_pretrain.io import MARKER
 
 
 def _cli(*args: str) -> list[str]:
@@ -29,16 +30,25 @@ def _env() -> dict:
     return {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, "OMP_NUM_THREADS": "1"}
 
 
-def _kill_after(cmd: list[str], seconds: float) -> int | None:
-    """Start `cmd`, SIGKILL it after `seconds` (None if it had already finished: then its return code)."""
+def _kill(cmd: list[str], when) -> int | None:
+    """Start `cmd` and SIGKILL it `when` (seconds, or a predicate of its pid polled every 10 ms). Returns
+    None when it was killed, its return code when it had already finished."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    try:
-        proc.wait(timeout=seconds)
+    deadline = time.monotonic() + (when if isinstance(when, float) else 300.0)
+    while proc.poll() is None and time.monotonic() < deadline:
+        if not isinstance(when, float) and when(proc.pid):
+            break
+        time.sleep(0.01)
+    if proc.poll() is not None:
         return proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return None
+
+
+def _writing(path):
+    """A predicate: the process `pid` has started writing a new version of `path` (its staging directory)."""
+    return lambda pid: any(path.parent.glob(f".{path.name}.v-{pid}-*"))
 
 
 def _snapshot(path):
@@ -46,9 +56,13 @@ def _snapshot(path):
 
 
 def _leftovers(path):
-    """Entries beside `path` that belong to it, other than the live version."""
-    live = path.resolve().name
-    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.") and p.name != live)
+    """What killed writes left beside `path`: anything of its own but the live version, versions replaced
+    within the grace period (published: they hold the marker, which a killed write never wrote) and the
+    publish lock."""
+    keep = {path.resolve().name, f".{path.name}.lock"}
+    keep |= {p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.v-") and (p / MARKER).exists()
+             and (p / ".retired").exists()}
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.") and p.name not in keep)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +85,10 @@ def test_killed_data_stage_keeps_the_previous_output(log, stage):
     if not out.exists():
         _run(cmds[stage])
     before = _snapshot(out)
-    for seconds in KILL_AFTER_S:
-        code = _kill_after(cmds[stage], seconds)
-        assert code in (None, 0)
+    # killed in the middle of writing the new version (its staging directory exists), and at a moment
+    for when in (_writing(out), 2.0):
+        code = _kill(cmds[stage], when)
+        assert code is None or (code == 0 and isinstance(when, float))
         after = _snapshot(out)  # the old version whole, or (if it finished) a new one of the same data
         assert sorted(after) == sorted(before)
         if code is None:
@@ -97,18 +112,24 @@ def test_killed_pretrain_and_index_keep_the_previous_model_and_index(log, tiny_p
     _run(build)
     model_before, index_before = _snapshot(run / "model"), _snapshot(index)
 
-    for seconds in (3.0, 6.0):  # training a new model (another config) into the same --out, killed
-        assert _kill_after([*train, "--restart"], seconds) is None
-        assert _snapshot(run / "model") == model_before
+    # training a new model (another config) into the same --out, killed after its first epoch's checkpoint
+    last = run / "checkpoints" / "last.pt"
+    stamp = last.stat().st_mtime_ns
+    assert _kill([*train, "--restart"], lambda pid: last.exists() and last.stat().st_mtime_ns != stamp) is None
+    assert _snapshot(run / "model") == model_before
+    # ... and while it writes the new model directory: the old model or the new one, whole
+    assert _kill([*train, "--restart"], _writing(run / "model")) is None
+    load_model_dir(run / "model")
     _run([*train, "--restart"])  # the same command again completes
     assert json.loads((run / "model" / "model.json").read_text())["config"]["train"]["epochs"] == 12
     assert _leftovers(run / "model") == []
 
     from recsys_pretrain.index import load_index
 
-    for seconds in (1.5, 3.0):  # a new index of the new model, killed: the old index or the new one, whole
-        assert _kill_after(build, seconds) in (None, 0)
-        load_index(index)  # its files agree with its index.json
+    # a new index of the new model, killed while it writes it (a small index is written in milliseconds, so
+    # the kill may land just after the swap): the old index or the new one, whole
+    assert _kill(build, _writing(index)) is None
+    load_index(index)  # its files agree with its index.json
     _run(build)
     assert json.loads((index / "index.json").read_text())["embeddings_sha256"] != \
         json.loads(index_before["index.json"])["embeddings_sha256"]

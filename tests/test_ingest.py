@@ -206,7 +206,8 @@ def test_failed_ingest_leaves_previous_outputs_untouched(write, tmp_path):
         run([good, tmp_path / "absent.csv"], tmp_path / "out")
     assert (tmp_path / "out" / "events.parquet").read_bytes() == before
     # no staging left behind: the input, the published link and the one version it points to
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["good.csv", "out", (tmp_path / "out").resolve().name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["good.csv", "out", ".out.lock",
+                                                                 (tmp_path / "out").resolve().name])
 
 
 def test_many_files_keep_provenance_and_input_order(write, tmp_path):

@@ -360,3 +360,24 @@ def test_read_errors_become_ingest_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(formats, "check_utf8", refuse)
     with pytest.raises(IngestError, match=r"locked\.csv: cannot read: Permission denied"):
         ingest([src], tmp_path / "out", IngestConfig())
+
+
+def test_an_open_quote_in_any_field_never_hides_rows_in_an_accepted_value(tmp_path):
+    """A quote left open in an optional column (category): that row is malformed, the lines after it are
+    rows of their own, and no accepted value spans lines."""
+    import polars as pl
+
+    from recsys_pretrain.config import IngestConfig
+    from recsys_pretrain.data.ingest import ingest
+
+    p = tmp_path / "e.csv"
+    p.write_text('user_id,item_id,timestamp,event_type,category_id\n'
+                 'u1,i1,1700000000,click,"cat\n'
+                 'carol-secret,i2,1700000001,click,c2\n'
+                 'u3,i3,1700000002,click,c3\n')
+    r = ingest([p], tmp_path / "out", IngestConfig()).report
+    assert r["rows_read"] == r["rows_accepted"] + r["rows_quarantined"] + r["rows_duplicate"]
+    events = pl.read_parquet(tmp_path / "out" / "events.parquet")
+    assert not any("\n" in str(v) for row in events.rows() for v in row)
+    assert sorted(events["user_id"]) == ["carol-secret", "u3"]
+    assert r["quarantine_by_reason"] == {"malformed_row": 1}

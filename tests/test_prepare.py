@@ -98,3 +98,28 @@ def test_sasrec_logs_have_no_temporal_split(write, tmp_path):
     assert not (tmp_path / "prep" / "temporal_train.parquet").exists()
     loo = pl.read_parquet(tmp_path / "prep" / "loo.parquet")
     assert loo.row(0, named=True)["train"] == [1, 2] and loo["test"].item() == 4
+
+
+def test_first_only_keeps_each_users_first_interaction_with_an_item(write, tmp_path):
+    """Repeats dropped: every held-out target is an item the user had not interacted with before."""
+    import polars as pl
+
+    from recsys_pretrain.config import IngestConfig, PrepareConfig
+    from recsys_pretrain.data.ingest import ingest
+    from recsys_pretrain.data.prepare import prepare
+
+    rows = ["user_id,item_id,timestamp,event_type"] + [
+        f"u1,{i},{1700000000 + t},click" for t, i in enumerate(["a", "b", "a", "c", "b", "d", "a"])]
+    write("e.csv", "\n".join(rows) + "\n")
+    ingest([tmp_path / "e.csv"], tmp_path / "ing", IngestConfig())
+    prepare(tmp_path / "ing", tmp_path / "keep", PrepareConfig())
+    prepare(tmp_path / "ing", tmp_path / "first", PrepareConfig(first_only=True))
+    import json
+
+    items = json.loads((tmp_path / "ing" / "vocab.json").read_text())["items"]
+    name = {i + 1: v for i, v in enumerate(items)}
+    keep = pl.read_parquet(tmp_path / "keep" / "loo.parquet").row(0, named=True)
+    first = pl.read_parquet(tmp_path / "first" / "loo.parquet").row(0, named=True)
+    assert name[keep["test"]] == "a" and name[keep["valid"]] == "d"  # a repeat as the target
+    assert [name[i] for i in first["train"]] == ["a", "b"]
+    assert (name[first["valid"]], name[first["test"]]) == ("c", "d")

@@ -1,5 +1,7 @@
 """The pretraining stage end to end on tiny data, tracked in a real MLflow SQLite store."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ from recsys_pretrain.tracking import MLflowTracker, load_pyfunc
 from recsys_pretrain.train.pretrain import evaluate, load_prepared, pretrain, query_inputs
 
 TINY = {
-    "mf": ["pretrain.mf.dim=16"],  # the default solver, svd: closed form, one evaluation
+    "mf": ["pretrain.mf.dim=16"],  # the default solver, als: the grid of 6 settings, one evaluation each
     "mf_softmax": ["pretrain.mf.dim=16", "pretrain.mf.loss=softmax", "pretrain.mf.train.epochs=6",
                    "pretrain.mf.train.eval_every=2"],
     "bert4rec": ["pretrain.bert4rec.dim=16", "pretrain.bert4rec.n_heads=2", "pretrain.bert4rec.n_layers=1",
@@ -38,8 +40,9 @@ def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_pre
     assert run.data.metrics["test/ndcg_at_10"] == pytest.approx(res.test["ndcg_at_10"])
     assert "test/popularity_ndcg_at_10" in run.data.metrics
     steps = [m.step for m in client.get_metric_history(res.run_id, "val/ndcg_at_10")]
-    if recipe == "mf":  # closed form: one solve, one validation
-        assert steps == [1] and res.fit.stopped == "closed_form"
+    if recipe == "mf":  # closed form: one solve and one validation per setting of the grid
+        assert steps == [1, 2, 3, 4, 5, 6] and res.fit.stopped == "closed_form"
+        assert {"regularization", "alpha"} <= set(json.loads((res.model_dir / "model.json").read_text())["chosen"])
     else:  # the loop validates every eval_every epochs
         assert steps == sorted(steps) and len(steps) >= 2
     assert len(client.get_metric_history(res.run_id, "train/loss")) == res.fit.epochs_run

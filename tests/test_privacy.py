@@ -64,6 +64,8 @@ def _leaks(root: Path, needles) -> list[str]:
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.is_symlink() or "raw" in p.relative_to(root).parts:
             continue
+        if p.name == ".recsys-pretrain":  # the output marker: a time, whose digits may hold "1186"
+            continue
         data = p.read_bytes()
         text = _values(p) if p.suffix == ".parquet" else ""
         found += [f"{p.relative_to(root)}: {n}" for n in needles if n.encode() in data or n in text]
@@ -136,6 +138,52 @@ def test_ingest_with_a_key_leaves_no_raw_user_id_and_no_key_in_any_output(write,
     assert (vocab.user_index(ev[S.USER_ID]) == ev[S.USER_IDX].to_numpy()).all()
 
 
+# An open quote swallows the lines after it into one field (the CSV reader); a line with extra fields shifts an
+# id into another column (read line by line): raw ids of other rows in fields besides the user column.
+SWALLOWED = HEADER + "".join([
+    'alice-7731,"i1\n',  # the item field's quote stays open ...
+    "carol-secret-1,i3,1700000200,click\n",
+    'dave-secret-2,i4",1700000300,click\n',  # ... to here: one malformed row
+    'bob-4410,i1,1700000400,"click\n',  # the event type swallows a row: unknown_event_type
+    'carol-secret-3,i2,1700000500,click"\n',
+    "bob-4410,i2,1700000600,click\n",
+    "bob-4410,i3,1700000700,click\n",
+])
+SHIFTED = HEADER + "".join([
+    "x-0,carol-secret-4,i1,1700000000,click\n",  # extra fields: the id sits in the item column
+    'alice-7731,"i2,1700000100,click\n',  # a quote never closed: malformed (this file is read line by line)
+    "carol-secret-5,i3,1700000200,click\n",
+    "carol-secret-5,i4,1700000300,click\n",
+])
+
+
+def test_broken_rows_keep_no_raw_id_of_the_rows_they_swallowed(write, tmp_path, key):
+    d = tmp_path / "out"
+    r = ingest([write("raw/swallowed.csv", SWALLOWED), write("raw/shifted.csv", SHIFTED)], d,
+               IngestConfig(pseudonymise_key_env=ENV)).report
+    # the open quote in the event-type column swallowed later lines: malformed, like the other broken rows
+    assert r["quarantine_by_reason"] == {"malformed_row": 3, "extra_fields": 1}
+    assert not _leaks(tmp_path, ["carol-secret", "dave-secret", "x-0", "alice-7731", "bob-4410", KEY])
+    q = pl.read_parquet(d / "quarantine.parquet")
+    assert set(q.columns) >= {"source_file", "source_row", "reason", "field"}
+    assert q["source_file"].str.ends_with(".csv").all() and q["source_row"].is_not_null().all()
+    broken = q.filter(pl.col("reason").is_in(["malformed_row", "extra_fields"]))
+    for c in ("item_id", "timestamp", "event_type"):  # every field of a broken row: a token of its text
+        assert broken[c].str.contains(r"^[0-9a-f]{32}$").all(), c
+    shifted = q.filter(pl.col("reason") == "extra_fields").row(0, named=True)
+    assert shifted["item_id"] == privacy.token("carol-secret-4", key)
+    # the row whose event-type field swallowed later lines is malformed too: every field of it hashed
+    swallowing = q.filter(pl.col("event_type").is_not_null() & (pl.col("reason") == "malformed_row"))
+    assert swallowing.height >= 1
+    # forget finds a user whose id a broken row holds in another column
+    res = forget(d, ["carol-secret-4"], key=key)
+    assert (res["users_found"], res["quarantine_removed"], res["events_removed"]) == (1, 1, 0)
+    _check_consistent(d)
+    # without a key the quarantine keeps the rows as read
+    ingest([tmp_path / "raw" / "swallowed.csv"], tmp_path / "plain", IngestConfig())
+    assert "carol-secret-1" in " ".join(pl.read_parquet(tmp_path / "plain" / "quarantine.parquet")["item_id"])
+
+
 def test_the_same_key_gives_the_same_tokens_in_memory_and_out_of_core(write, tmp_path, key):
     _ingest(write, tmp_path / "a")
     _ingest(write, tmp_path / "b", in_memory_rows=0, partition_rows=2)  # the streaming path, in user ranges
@@ -198,6 +246,93 @@ def test_recommend_with_the_key_finds_users_by_raw_id(pseudonymised_model):
     plain = rec.with_user_key(None)
     assert plain.recommend([token], k=5)[0].ids == answers[0].ids
     assert plain.recommend([raw[0]], k=5)[0].fallback == "unknown_user"  # raw ids need the key
+
+
+def _hand_recommender(vocab: Vocab):
+    """A Recommender over random vectors for `vocab` (no training): enough to test id lookups."""
+    import scipy.sparse as sp
+
+    from recsys_pretrain.index import build_index
+    from recsys_pretrain.recommend import Recommender
+
+    rng = np.random.default_rng(0)
+    items = rng.normal(size=(vocab.n_items, 4)).astype(np.float32)
+    users = rng.normal(size=(vocab.n_users, 4)).astype(np.float32)
+    index = build_index(items, vocab, IndexConfig(factory="Flat"))
+    return Recommender(None, {"model": "mf"}, vocab, index, users,
+                       sp.csr_matrix((vocab.n_users, vocab.n_items + 1), dtype=np.float32),
+                       np.ones(vocab.n_items, dtype=np.float32))
+
+
+def test_recommend_hashes_integer_ids_as_ingest_read_them(write, tmp_path, key):
+    log = HEADER + "0042,11,1700000000,click\n 42 ,12,1700000100,click\n7,11,1700000200,click\n"
+    ingest([write("raw/ints.csv", log)], tmp_path / "out", IngestConfig(id_type="int", pseudonymise_key_env=ENV))
+    vocab = Vocab.load(tmp_path / "out")
+    assert sorted(vocab.users) == sorted(privacy.pseudonymise_ids([42, 7], key))  # "0042" was user 42
+    rec = _hand_recommender(vocab).with_user_key(key, "int")
+    answers = rec.recommend(["0042", " 42 ", 42, "+42", np.int64(7), "7", "x42", "4 2"], k=1)
+    assert [a.fallback for a in answers] == [None] * 6 + ["unknown_user"] * 2
+    assert answers[0].ids == answers[1].ids == answers[2].ids == answers[3].ids
+    assert rec.with_user_key(None).recommend(["0042"], k=1)[0].fallback == "unknown_user"  # the id type is kept
+    assert rec.with_user_key(key).recommend(["0042"], k=1)[0].fallback is None
+    # text ids stay text: "0042" is not "42" there
+    assert rec.with_user_key(key, "str").recommend(["0042", "42"], k=1)[0].fallback == "unknown_user"
+    with pytest.raises(ValueError, match="user_id_type"):
+        rec.with_user_key(key, "integer")
+
+
+def test_serve_takes_raw_user_ids_with_the_key(pseudonymised_model, monkeypatch):
+    import logging
+    from dataclasses import replace
+
+    import httpx
+
+    from recsys_pretrain.config import ServeConfig
+    from recsys_pretrain.serve import ADMIN_TOKEN_ENV, create_app, make_holder
+    from tests.test_serve import running
+
+    monkeypatch.setenv(ENV, KEY)
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    root, raw = pseudonymised_model["root"], pseudonymised_model["raw_users"][0]
+    cfg = ServeConfig(model=str(pseudonymised_model["model"]), index=str(root / "index"), user_key_env=ENV)
+    holder = make_holder(cfg)
+    try:
+        with running(create_app(holder, cfg), cfg) as (server, url), httpx.Client(base_url=url, timeout=10) as c:
+            assert server.config.access_log is False  # raw ids are in the URLs
+            r = c.get(f"/recommend/{raw}", params={"k": 3}).json()
+            assert (r["method"], r["fallback"], r["user_id"]) == ("user_vector", None, raw)
+            assert c.post("/admin/reload").status_code == 200  # the reloaded model gets the key too
+            again = c.get(f"/recommend/{raw}", params={"k": 3}).json()
+            assert again["index_version"] == 2 and again["method"] == "user_vector" and again["items"] == r["items"]
+            assert c.get("/recommend/cust-nobody-q7x").json()["fallback"] == "unknown_user"
+    finally:
+        holder.close()
+
+    # the access log, when turned on anyway, shows no raw id
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    access = logging.getLogger("uvicorn.access")
+    logged = replace(cfg, access_log=True)
+    holder = make_holder(logged)
+    try:
+        with running(create_app(holder, logged), logged) as (_, url), httpx.Client(base_url=url, timeout=10) as c:
+            access.addHandler(handler)
+            assert c.get(f"/recommend/{raw}", params={"k": 3}).json()["method"] == "user_vector"
+    finally:
+        access.removeHandler(handler)
+        holder.close()
+    assert any("/recommend/<user>?k=3" in line for line in lines) and not any(raw in line for line in lines)
+
+    # without the key, raw ids are unknown; a key that is configured but missing stops the start
+    plain = make_holder(replace(cfg, user_key_env=None))
+    try:
+        assert plain.current.recommend([raw], 3)[0].fallback == "unknown_user"
+    finally:
+        plain.close()
+    monkeypatch.delenv(ENV)
+    with pytest.raises(privacy.PrivacyError, match=f"serve.user_key_env.*{ENV} is not set"):
+        make_holder(cfg)
 
 
 def test_recommend_cli_hashes_raw_ids_with_the_key(pseudonymised_model, capsys, monkeypatch):

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,13 +142,18 @@ def test_leftovers_of_killed_writes_are_removed_and_live_ones_kept(tmp_path):
     other.mkdir()
     removed = clean_stale(out)
     assert len(removed) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name, running.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", ".out.lock", live.name, running.name,
+                                                                 other.name])
     with atomic_dir(out) as stage:  # the next write removes the previous version once it is published
         (stage / "a.txt").write_text("2")
-    assert (out / "a.txt").read_text() == "2" and not live.exists()
+    assert (out / "a.txt").read_text() == "2" and live.exists()  # replaced: kept for a grace period
+    os.utime(live / ".retired", (0, 0))  # ... which has passed
+    with atomic_dir(out) as stage:
+        (stage / "a.txt").write_text("3")
+    assert not live.exists()
 
 
-def test_a_published_directory_is_never_missing_during_swaps(tmp_path):
+def test_a_published_directory_is_never_missing_during_swaps(tmp_path, monkeypatch):
     out = tmp_path / "index"
     with atomic_dir(out) as stage:
         (stage / "index.json").write_text("0")
@@ -172,6 +178,12 @@ def test_a_published_directory_is_never_missing_during_swaps(tmp_path):
         t.join()
     assert reads[0] > 300 and misses == []
     assert (out / "index.json").read_text() == "299"
+    # replaced versions stay for a grace period after their swap, then the next publish removes them
+    import recsys_pretrain.io as io_
+
+    monkeypatch.setattr(io_, "RETIRED_GRACE_S", 0.0)
+    with atomic_dir(out) as stage:
+        (stage / "index.json").write_text("last")
     assert len([p for p in tmp_path.iterdir() if p.name.startswith(".index.v-")]) == 1
 
 
@@ -183,7 +195,7 @@ def test_an_older_plain_output_directory_is_upgraded_in_place(tmp_path):
     with atomic_dir(out) as stage:
         (stage / "new.txt").write_text("new")
     assert out.is_symlink() and (out / "new.txt").exists() and not (out / "old.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ingested", out.resolve().name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["ingested", ".ingested.lock", out.resolve().name])
 
 
 def test_a_failed_write_leaves_the_previous_output_and_nothing_else(tmp_path):
@@ -227,7 +239,7 @@ def test_ingest_on_a_full_disk_keeps_the_previous_output(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: no space left") and len(err.splitlines()) == 1
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-        assert sorted(p.name for p in disk.iterdir()) == sorted(["ingested", out.resolve().name])
+        assert sorted(p.name for p in disk.iterdir()) == sorted(["ingested", ".ingested.lock", out.resolve().name])
 
 
 def test_full_disk_error_is_one_line(tiny_prepared, tmp_path, capsys, monkeypatch):
@@ -243,3 +255,58 @@ def test_full_disk_error_is_one_line(tiny_prepared, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert code == 28 and err.startswith("error: no space left") and len(err.splitlines()) == 1
     assert not (tmp_path / "run" / "model").exists()
+
+
+# ---- review follow-ups -------------------------------------------------------------------------------------
+def test_an_output_of_the_older_layout_is_replaced_without_force(tmp_path):
+    """Outputs written before the marker existed are recognised by their files: an upgrade does not stop the
+    nightly flow on its own earlier outputs."""
+    old = tmp_path / "prepared"
+    old.mkdir()
+    for f in ("meta.json", "loo.parquet"):
+        (old / f).write_text("{}")
+    with atomic_dir(old) as stage:
+        (stage / "meta.json").write_text("new")
+    assert (old / "meta.json").read_text() == "new"
+
+
+def test_staging_directories_of_the_older_layout_are_removed_once_old(tmp_path):
+    import tempfile
+    import time
+
+    stale = Path(tempfile.mkdtemp(prefix=".out.staging-", dir=tmp_path))  # what the older atomic_dir made
+    fresh = Path(tempfile.mkdtemp(prefix=".out.staging-", dir=tmp_path))
+    hour_ago = time.time() - 7200
+    os.utime(stale, (hour_ago, hour_ago))
+    assert clean_stale(tmp_path / "out") == [stale]
+    assert fresh.exists()
+
+
+def test_a_run_stopped_by_its_budget_goes_on_when_resumed_with_more_time(tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    short = load_config(None, [*SOFTMAX, "pretrain.mf.train.epochs=4", "pretrain.mf.train.max_minutes=0.00001",
+                               "pretrain.refit=false"]).pretrain
+    first = pretrain(tiny_prepared["prepared"], short, out)
+    assert first.fit.stopped == "budget" and first.fit.epochs_run == 1
+    longer = load_config(None, [*SOFTMAX, "pretrain.mf.train.epochs=4", "pretrain.refit=false"]).pretrain
+    again = pretrain(tiny_prepared["prepared"], longer, out)
+    assert again.fit.epochs_run == 4 and again.fit.stopped == "epochs"
+
+
+def test_restart_does_not_read_an_unreadable_checkpoint(tiny_prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    base = ["pretrain", "--model", "mf", "--data", str(tiny_prepared["prepared"]), "--out", str(out),
+            "--no-tracking", "mf.dim=8", "mf.loss=softmax", "mf.train.epochs=1"]
+    assert main([*base, "--restart"]) == 0
+
+
+def test_pretrain_on_a_full_disk_is_one_line_and_leaves_no_model(tiny_prepared, tmp_path, capsys):
+    """torch and NumPy report a full disk as a short write, with no errno: still one line, exit 28."""
+    with _small_tmpfs(tmp_path / "disk", size="48k") as disk:
+        code = main(["pretrain", "--model", "mf", "--data", str(tiny_prepared["prepared"]), "--out",
+                     str(disk / "run"), "--no-tracking", "mf.dim=64", "mf.loss=softmax", "mf.train.epochs=2"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 28 and err[-1].startswith("error: no space left") and not any("Traceback" in e for e in err)
+        assert not (disk / "run" / "model").exists()

@@ -242,3 +242,22 @@ def test_pointer_file_names_model_and_index_and_is_watched(served, tmp_path):
     pointer.write_text("{}")
     with pytest.raises(ValueError, match="no 'path'"):
         make_holder(ServeConfig(index=str(pointer)))
+
+
+def test_the_access_log_never_shows_a_user_id_when_a_user_key_is_configured():
+    import logging
+
+    from recsys_pretrain.serve import UserIdRedactor
+
+    assert make_server(None, ServeConfig(user_key_env="RECSYS_USER_KEY")).config.access_log is False  # the default
+
+    def line(path: str) -> str:
+        record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                   ("127.0.0.1:5000", "GET", path, "1.1", 200), None)
+        assert UserIdRedactor().filter(record)
+        return record.getMessage()
+
+    assert line("/recommend/alice-7731?k=3") == '127.0.0.1:5000 - "GET /recommend/<user>?k=3 HTTP/1.1" 200'
+    assert line("/recommend/caf%C3%A9") == '127.0.0.1:5000 - "GET /recommend/<user> HTTP/1.1" 200'
+    assert line("/recommend") == '127.0.0.1:5000 - "GET /recommend HTTP/1.1" 200'  # the history route
+    assert line("/similar/i3?k=2") == '127.0.0.1:5000 - "GET /similar/i3?k=2 HTTP/1.1" 200'

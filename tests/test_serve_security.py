@@ -2,8 +2,10 @@
 admin token, bodies over the limit however they are sent, errors that quote no input, slow clients, the
 download cache across reloads, and which re-rankers may be loaded."""
 
+import gc
 import json
 import select
+import shutil
 import socket
 import tempfile
 import time
@@ -14,6 +16,7 @@ import pytest
 from recsys_pretrain.config import ServeConfig
 from recsys_pretrain.serve import (
     ADMIN_TOKEN_ENV,
+    AdminGuard,
     create_app,
     is_loopback,
     make_holder,
@@ -122,6 +125,46 @@ def test_admin_routes_are_off_without_a_token_off_loopback(model, no_env_token, 
     monkeypatch.setenv(ADMIN_TOKEN_ENV, "short")
     with pytest.raises(ValueError, match="at least 16 characters"):
         make_holder(cfg)
+
+
+@pytest.mark.parametrize("proxied", [{"X-Forwarded-For": "203.0.113.9"}, {"X-Forwarded-For": "127.0.0.1"},
+                                     {"Forwarded": "for=203.0.113.9"}, {"X-Real-IP": "203.0.113.9"}])
+def test_without_a_token_admin_needs_a_direct_loopback_client(model, no_env_token, proxied):
+    """A reverse proxy on the same host connects from loopback on behalf of anyone: its requests are refused."""
+    cfg = _cfg(model)  # loopback bind, no token
+    holder, server = _serve(cfg)
+    try:
+        with server as (_, url), httpx.Client(base_url=url, timeout=10) as c:
+            r = c.post("/admin/reload", headers=proxied)
+            assert r.status_code == 403 and "proxy" in r.json()["error"] and holder.version == 1
+            assert str(model["root"]) not in c.get("/metadata", headers=proxied).text  # no admin views either
+            assert c.post("/admin/reload").status_code == 200 and holder.version == 2  # direct: allowed
+            assert c.get("/metadata").json()["source"]["model_dir"] == str(model["model_dir"])
+    finally:
+        holder.close()
+
+
+def test_admin_guard_reads_the_client_address_not_only_the_bind():
+    from starlette.requests import Request
+
+    def request(client, headers=()):
+        return Request({"type": "http", "method": "POST", "path": "/admin/reload", "headers": list(headers),
+                        "client": client})
+
+    guard = AdminGuard(None, "127.0.0.1")
+    assert guard.allows(request(("127.0.0.1", 5000))) and guard.allows(request(("::1", 5000)))
+    assert not guard.allows(request(("10.0.0.7", 5000)))  # e.g. a proxy on another host that adds no header
+    assert not guard.allows(request(None))
+    assert not guard.allows(request(("127.0.0.1", 5000), [(b"forwarded", b"for=198.51.100.1")]))
+    assert not AdminGuard(None, "0.0.0.0").allows(request(("127.0.0.1", 5000)))
+
+
+def test_a_user_key_for_a_model_without_pseudonymised_ids_is_refused(model, monkeypatch):
+    monkeypatch.setenv("RECSYS_TEST_SERVE_KEY", "k" * 32)
+    with pytest.raises(ValueError, match="not pseudonymised"):
+        make_holder(_cfg(model, user_key_env="RECSYS_TEST_SERVE_KEY"))
+    with pytest.raises(ValueError, match="user_id_type"):
+        make_holder(_cfg(model, user_id_type="integer"))
 
 
 # ---- 11. requests ---------------------------------------------------------------------------------------------
@@ -298,6 +341,98 @@ def test_reloads_of_a_registered_model_reuse_one_download(model, mlflow_uri, tmp
     assert not [p for p in tmp.iterdir() if p.is_dir()]  # removed with the holder
 
 
+def _log_model_dir_run(model, mlflow_uri) -> str:
+    from recsys_pretrain.tracking import MLflowTracker
+
+    tracker = MLflowTracker(mlflow_uri)
+    with tracker.start_run("serving-test", "mf") as run_id:
+        tracker.log_model_dir(model["model_dir"], name="model_dir")
+    return run_id
+
+
+def test_a_cut_off_download_never_poisons_the_cache(model, mlflow_uri, tmp_path, monkeypatch):
+    import recsys_pretrain.tracking as tracking
+    from recsys_pretrain.index import resolve_model_dir
+
+    run_id = _log_model_dir_run(model, mlflow_uri)
+    cache = tmp_path / "cache"
+    real = tracking.download_artifacts
+
+    def cut_off(run_id, artifact_path, tracking_uri, dst_path=None):
+        local = real(run_id, artifact_path, tracking_uri, dst_path=dst_path)
+        (local / "item_embeddings.npy").unlink()  # killed half way: model.json is there, the vectors are not
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(tracking, "download_artifacts", cut_off)
+    with pytest.raises(ConnectionResetError):
+        resolve_model_dir(run_id, mlflow_uri, cache_dir=cache)
+    assert not (cache / run_id).exists()  # nothing that looks cached
+    monkeypatch.setattr(tracking, "download_artifacts", real)
+    got = resolve_model_dir(run_id, mlflow_uri, cache_dir=cache)
+    assert got == cache / run_id / "model_dir" and (got / "item_embeddings.npy").exists()
+    assert [p.name for p in cache.iterdir()] == [run_id]  # the cut-off download left nothing behind
+
+    # an entry downloaded in place by an older version, cut off after model.json: fetched again
+    shutil.rmtree(cache / run_id)
+    (cache / run_id / "model_dir").mkdir(parents=True)
+    shutil.copy(model["model_dir"] / "model.json", cache / run_id / "model_dir")
+    got = resolve_model_dir(run_id, mlflow_uri, cache_dir=cache)
+    assert (got / "item_embeddings.npy").exists() and [p.name for p in cache.iterdir()] == [run_id]
+
+    def boom(*a, **kw):
+        raise AssertionError("a complete cache entry was downloaded again")
+
+    monkeypatch.setattr(tracking, "download_artifacts", boom)
+    assert resolve_model_dir(run_id, mlflow_uri, cache_dir=cache) == got
+
+
+def test_reranker_loads_go_to_the_cache_and_leave_no_temp_dirs(model, mlflow_uri, tmp_path, monkeypatch):
+    from recsys_pretrain.tracking import MLflowTracker, register_model, set_alias
+
+    tracker = MLflowTracker(mlflow_uri)
+    with tracker.start_run("serving-test", "ranker"):
+        uri = tracker.log_recommender(model["model_dir"])  # a real pyfunc scoring (user_id, item_id) pairs
+    versions = [register_model(uri, "recsys-ranker", mlflow_uri) for _ in range(3)]
+    set_alias("recsys-ranker", "champion", versions[0], mlflow_uri)
+
+    # A local store hands out its own files; a remote one (the compose stack's MLflow server) is downloaded
+    # from, into a new temp directory unless told where: make this store behave like that (local copies,
+    # under tmp, are still read in place).
+    from pathlib import Path
+
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    local = LocalArtifactRepository.download_artifacts
+
+    def remote_like(self, artifact_path, dst_path=None):
+        if Path(self.artifact_dir).resolve().is_relative_to(tmp.resolve()):
+            return local(self, artifact_path, dst_path)
+        return ArtifactRepository.download_artifacts(self, artifact_path, dst_path)
+
+    monkeypatch.setattr(LocalArtifactRepository, "download_artifacts", remote_like)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # every temp directory of this process lands here
+    holder = make_holder(_cfg(model, reranker="models:/recsys-ranker@champion"), mlflow_uri)
+    try:
+        for v in [*versions[1:], versions[0]]:  # each reload loads a re-ranker: 4 loads in all
+            set_alias("recsys-ranker", "champion", v, mlflow_uri)
+            holder.reload()
+        user = holder.current.vocab.user_ids([3])[0]
+        assert holder.current.recommend([user], 5)[0].reranked
+        gc.collect()
+        dirs = list(tmp.iterdir())
+        assert len(dirs) == 1, dirs  # the holder's cache, nothing else
+        assert [p.name for p in dirs[0].iterdir()] == ["rerankers"]  # (the model is a local directory)
+        served = list((dirs[0] / "rerankers").iterdir())
+        assert len(served) == 1 and served[0].name.startswith(f"recsys-ranker-v{versions[0]}-"), served
+    finally:
+        holder.close()
+    gc.collect()
+    assert not list(tmp.iterdir())
+
+
 # ---- 12. which re-rankers may be loaded ----------------------------------------------------------------------
 @pytest.mark.parametrize("uri,ok", [
     ("models:/recsys-ranker@champion", ("recsys-ranker", "champion", None)),
@@ -354,7 +489,7 @@ def test_reranker_is_pinned_to_its_version_and_loaded_once_per_version(model, ml
         def predict(self, frame):
             return np.arange(len(frame), dtype=np.float64)
 
-    def fake_load(uri, tracking_uri):
+    def fake_load(uri, tracking_uri, dst_path=None):
         loaded.append(uri)
         return Scorer()
 

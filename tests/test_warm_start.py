@@ -72,10 +72,10 @@ def test_refuses_another_model_or_architecture(tmp_path):
     wider = dataclasses.replace(CFGS["bert4rec"], max_len=12)
     with pytest.raises(ValueError, match="architecture changed"):
         warm_start(build_model("bert4rec", wider, 2, 2), "bert4rec", vocab, source)
-    _, svd_source = _saved(tmp_path, "mf", vocab)  # CFGS["mf"] uses the default solver, svd
+    _, als_source = _saved(tmp_path, "mf", vocab)  # CFGS["mf"] uses the default solver, als
     softmax = dataclasses.replace(CFGS["mf"], loss="softmax")
-    with pytest.raises(ValueError, match="loss 'svd'"):
-        warm_start(build_model("mf", softmax, 2, 2), "mf", vocab, svd_source)
+    with pytest.raises(ValueError, match="loss 'als'"):
+        warm_start(build_model("mf", softmax, 2, 2), "mf", vocab, als_source)
 
 
 def test_a_warm_started_run_starts_ahead_and_trains_a_share_of_the_epochs(tiny_prepared, tmp_path):
@@ -92,7 +92,7 @@ def test_a_warm_started_run_starts_ahead_and_trains_a_share_of_the_epochs(tiny_p
 
 
 def test_the_closed_form_solver_ignores_a_warm_start_source(tiny_prepared, tmp_path):
-    cfg = load_config(None, ["pretrain.model=mf", "pretrain.mf.dim=16"]).pretrain  # svd
+    cfg = load_config(None, ["pretrain.model=mf", "pretrain.mf.dim=16"]).pretrain  # als
     first = pretrain(tiny_prepared["prepared"], cfg, tmp_path / "a")
     again = pretrain(tiny_prepared["prepared"], cfg, tmp_path / "b", init_from=first.model_dir)
     assert again.warm_start is None and again.fit.stopped == "closed_form"

@@ -6,7 +6,8 @@ nightly flow to retrain from scratch (a warm start would carry what the old weig
 What changes, all at once (the directory is published as a new version, like ingest's outputs):
 - events.parquet: the users' events are gone; users (and items left without events) are re-indexed so
   that `user_idx` / `item_idx` stay the positions in vocab.json, as a fresh ingest would make them.
-- quarantine.parquet: rows whose user column holds one of the users are gone.
+- quarantine.parquet: rows whose user column holds one of the users are gone (pseudonymised data: also
+  malformed rows and rows with extra fields holding one of their tokens in another column).
 - vocab.json: without those users (and without items no event mentions any more).
 - report.json / report.md: counts recomputed; `rows_forgotten` keeps the accounting whole,
   rows_read == rows_accepted + rows_quarantined + rows_duplicate + rows_forgotten
@@ -112,6 +113,14 @@ def _forget_locked(d: Path, user_ids: list, key: bytes | None) -> dict:
     in_q, in_quarantine = pl.lit(False), set()
     if q_cols and wanted:
         q_user = [pl.col(c) if key else privacy.canonical_id_expr(pl.col(c), id_type) for c in q_cols]
+        if key is not None:
+            # a broken row's other fields hold tokens too (ingest hashed them): one may be the user's own id,
+            # shifted into another column by extra fields
+            schema = q.collect_schema()
+            others = [c for c, t in schema.items() if t == pl.String and c not in q_cols
+                      and c not in (S.SOURCE_FILE, S.REASON, "field")]
+            broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
+            q_user += [pl.when(broken).then(pl.col(c)) for c in others]
         in_q = pl.any_horizontal([u.is_in(wanted) for u in q_user]).fill_null(False)
         hits = q.filter(in_q).select(pl.concat_list(q_user).alias("u")).collect()["u"].explode()
         in_quarantine = set(hits.drop_nulls().to_list())

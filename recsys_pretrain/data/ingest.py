@@ -176,12 +176,13 @@ def _parse(lf: pl.LazyFrame, src: Source, cfg: IngestConfig, file_idx: int) -> p
     )
     mapped = [pl.col(s) for s in cols.values()]
     empty = pl.all_horizontal([m.is_null() for m in mapped])
-    # Broken structure: flagged by the scan, a separator column of `::` files that holds a value, or an
-    # id with a line break (a quote left open until a later line swallows the lines between).
+    # Broken structure: flagged by the scan, a separator column of `::` files that holds a value, or a
+    # line break in any field read (a quote left open until a later line swallows the lines between: the
+    # swallowed rows, ids included, must not be accepted as one value).
     broken = [pl.col(MALFORMED)] if MALFORMED in dtypes else []
     broken += [pl.col(c).is_not_null() for c in dtypes.names() if c.startswith("_sep")]
-    broken += [pl.col(cols[c]).str.contains("\n", literal=True).fill_null(False)
-               for c in (S.USER_ID, S.ITEM_ID) if c in cols and is_text(c)]
+    broken += [pl.col(s).str.contains("\n", literal=True).fill_null(False)
+               for c, s in cols.items() if is_text(c)]
     reason = pl.when(pl.any_horizontal(broken) if broken else pl.lit(False)).then(pl.lit("malformed_row"))
     if EXTRA in dtypes:
         reason = reason.when(pl.col(EXTRA)).then(pl.lit("extra_fields"))
@@ -520,6 +521,12 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig, force: 
         if user_key is not None:  # privacy: the quarantine's raw user column holds the tokens too
             user_columns = sorted({s.spec.columns[S.USER_ID] for s in sources if S.USER_ID in s.spec.columns})
             quarantine = privacy.pseudonymise_columns(quarantine, user_columns, user_key, spec.id_type)
+            # ... and its other raw text wherever it may hold other rows' ids: every field of a malformed row
+            # or one with extra fields, and any value spanning lines (an open quote swallowed later rows)
+            keep = {S.SOURCE_FILE, S.SOURCE_ROW, S.REASON, "field", *user_columns}
+            text_columns = [c for c, t in quarantine.collect_schema().items() if c not in keep and t == pl.String]
+            broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
+            quarantine = privacy.pseudonymise_raw_text(quarantine, text_columns, user_key, broken, spec.id_type)
         quarantine.sink_parquet(stage / "quarantine.parquet", engine="streaming")
 
         report = _report(stage, cfg, per_file, rows_read, n_dup, kcore, vocab, has_time, inputs)

@@ -38,7 +38,7 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig, force: bo
     vocab = Vocab.load(ingested / "vocab.json")
     # Only the columns the splits need: the text columns of a large log would dominate memory.
     events = pl.scan_parquet(events_path).select(S.USER_IDX, S.ITEM_IDX, S.TIMESTAMP, S.EVENT_TYPE)
-    inter = split.interactions(events, cfg.sequence_event_types, cfg.collapse_repeats)
+    inter = split.interactions(events, cfg.sequence_event_types, cfg.collapse_repeats, cfg.first_only)
 
     with atomic_dir(out, inputs=[ingested], force=force) as stage:
         shutil.copyfile(ingested / "vocab.json", stage / "vocab.json")

@@ -19,8 +19,10 @@ SPLIT = "split"  # "train" | "valid" | "test"
 SPLIT_DTYPE = pl.Enum(["train", "valid", "test"])  # one byte a row, not a string
 
 
-def interactions(events: pl.LazyFrame, event_types: tuple[str, ...], collapse_repeats: bool) -> pl.LazyFrame:
-    """Events that count as interactions, in user then time order, with their position in the sequence."""
+def interactions(events: pl.LazyFrame, event_types: tuple[str, ...], collapse_repeats: bool,
+                 first_only: bool = False) -> pl.LazyFrame:
+    """Events that count as interactions, in user then time order, with their position in the sequence.
+    `first_only`: each user's first interaction with an item only (later repeats dropped)."""
     unknown = set(event_types) - set(S.EVENT_TYPES)
     if unknown:
         raise ValueError(f"sequence_event_types: unknown event types {sorted(unknown)}; known: {S.EVENT_TYPES}")
@@ -30,6 +32,8 @@ def interactions(events: pl.LazyFrame, event_types: tuple[str, ...], collapse_re
             pl.col(S.USER_IDX) == pl.col(S.USER_IDX).shift(1)
         )
         lf = lf.filter(~same.fill_null(False))
+    if first_only:
+        lf = lf.filter(pl.int_range(pl.len()).over(S.USER_IDX, S.ITEM_IDX) == 0)
     return lf.with_columns(
         pl.int_range(pl.len(), dtype=pl.UInt32).over(S.USER_IDX).alias(POS),
         pl.len().over(S.USER_IDX).cast(pl.UInt32).alias(LEN),

@@ -102,7 +102,7 @@ def fit(
     model: nn.Module,
     task: Task,
     cfg: TrainConfig,
-    validate: Callable[[nn.Module], dict[str, float]],
+    validate: Callable[[nn.Module], dict[str, float]] | None,
     checkpoint_dir: Path | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     monitor: str = MONITOR,
@@ -110,7 +110,8 @@ def fit(
     fingerprint: dict | None = None,
     resume: str = "match",
 ) -> FitResult:
-    """Train `model` on `task`; `validate(model)` returns metrics including `monitor` (higher is better).
+    """Train `model` on `task`; `validate(model)` returns metrics including `monitor` (higher is better);
+    None: no validation, the last weights are kept (a refit for a number of epochs chosen before).
     Resumes from `checkpoint_dir/last.pt` when it exists. `on_epoch(epoch, row)` sees each epoch's
     history row. `param_groups` (AdamW groups, e.g. a lower learning rate for pretrained parts)
     replaces the single group of all trainable parameters.
@@ -135,8 +136,9 @@ def fit(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, lambda: state["horizon"] * task.n_batches()))
     last = checkpoint_dir / "last.pt" if checkpoint_dir else None
     best_path = checkpoint_dir / "best.pt" if checkpoint_dir else None
-    ckpt = torch.load(last, weights_only=True, map_location=device) if last is not None and last.exists() else None
-    if ckpt is not None and resume != "never" and ckpt.get("fingerprint") != ident:
+    found = last is not None and last.exists() and resume != "never"  # never: not even read (it may not load)
+    ckpt = torch.load(last, weights_only=True, map_location=device) if found else None
+    if ckpt is not None and ckpt.get("fingerprint") != ident:
         diff = _differences(ckpt.get("fingerprint"), ident)
         if resume == "match":
             raise CheckpointMismatch(
@@ -145,13 +147,14 @@ def fit(
                 "(`pretrain --restart`, pretrain.resume=never)")
         print(f"{last}: a checkpoint of another run ({'; '.join(diff[:3])}): starting anew", file=sys.stderr)
         ckpt = None
-    elif ckpt is not None and resume == "never":
-        ckpt = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state = {"horizon": cfg.epochs, **ckpt["state"]}
+        budget_s = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        if state.get("stopped") == "budget" and state["elapsed"] < budget_s:  # resumed with more time: go on
+            del state["stopped"]
         print(f"resuming from {last} after epoch {state['epoch']} (same config and data)", file=sys.stderr)
     best_state = None
     if ckpt is not None and best_path is not None and best_path.exists():  # only a resumed run's own best
@@ -187,7 +190,7 @@ def fit(
                 out_of_time = True
                 break
         row: dict[str, float] = {"epoch": epoch, "train_loss": total / max(n, 1), "lr": sched.get_last_lr()[0]}
-        if epoch % cfg.eval_every == 0 or out_of_time or epoch == cfg.epochs:
+        if validate is not None and (epoch % cfg.eval_every == 0 or out_of_time or epoch == cfg.epochs):
             model.eval()
             with torch.no_grad():
                 metrics = validate(model)

@@ -8,10 +8,10 @@ the items before it. Model selection uses validation only.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +28,8 @@ from recsys_pretrain.config import BERT4RecConfig, MFConfig, PretrainConfig, Tra
 from recsys_pretrain.io import check_output
 from recsys_pretrain.masking import append_mask, mask_items
 from recsys_pretrain.metrics import evaluate_scores, popularity_scores
+from recsys_pretrain.recipes import ALS_GRID
+from recsys_pretrain.recipes import resolve as resolve_recipe
 from recsys_pretrain.train.loop import MONITOR, FitResult, fit, save_checkpoint
 from recsys_pretrain.vocab import Vocab
 
@@ -295,49 +297,71 @@ def run_fingerprint(name: str, mcfg, tcfg: TrainConfig, data: PreparedData, init
 
 
 CLOSED_FORM = ("svd", "als")  # MF solvers that solve, not train by gradient descent
-# ALS hyper-parameters tried on validation when not set: L2 regularization x confidence scale (alpha).
-ALS_GRID = {"regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 10.0)}
 
 
-def closed_form_candidates(mcfg: MFConfig) -> list[dict]:
-    """The solver settings a closed-form fit tries, in order: svd has one; als the grid over the settings
-    left unset (None) in the config."""
+def closed_form_candidates(mcfg: MFConfig, free_dim: bool) -> list[dict]:
+    """The solver settings a closed-form fit tries, in order: svd has one; als the grid (recipes.ALS_GRID)
+    over the settings left unset in the config (`free_dim`: the factors too)."""
     if mcfg.loss == "svd":
         return [{}]
-    grid = {k: (getattr(mcfg, k),) if getattr(mcfg, k) is not None else v for k, v in ALS_GRID.items()}
-    return [{"regularization": r, "alpha": a} for r in grid["regularization"] for a in grid["alpha"]]
+    grid = {k: (getattr(mcfg, k),) if getattr(mcfg, k) is not None else v for k, v in ALS_GRID.items()
+            if k != "factors"}
+    dims = ALS_GRID["factors"] if free_dim else (mcfg.dim,)
+    return [{"factors": f, "regularization": r, "alpha": a}
+            for f in dims for r in grid["regularization"] for a in grid["alpha"]]
 
 
 def solve(model: nn.Module, mcfg: MFConfig, matrix: sp.csr_matrix, params: dict, seed: int) -> float:
     """One closed-form solve of MF on `matrix` with `params` (from closed_form_candidates)."""
     if mcfg.loss == "svd":
         return model.fit_svd(matrix, seed=seed)
-    return model.fit_als(matrix, iterations=mcfg.iterations, seed=seed, **params)
+    return model.fit_als(matrix, regularization=params["regularization"], alpha=params["alpha"],
+                         iterations=mcfg.iterations, seed=seed)
 
 
-def fit_closed_form(model: nn.Module, mcfg: MFConfig, data: PreparedData, tcfg: TrainConfig,
-                    validate: Callable[[nn.Module], dict], checkpoint_dir: Path,
-                    on_epoch: Callable[[int, dict], None] | None = None) -> tuple[FitResult, dict]:
-    """MF's closed-form solvers (svd, als), each candidate setting solved on the training matrix and
-    validated; the best is kept. Reported as a fit with one "epoch" per candidate (the loss: svd's relative
-    squared residual, 0 for als). Returns (the fit, the chosen setting)."""
+def fit_closed_form(build: Callable[[MFConfig], nn.Module], mcfg: MFConfig, data: PreparedData, tcfg: TrainConfig,
+                    validate: Callable[[nn.Module], dict], checkpoint_dir: Path, free_dim: bool = False,
+                    on_epoch: Callable[[int, dict], None] | None = None):
+    """MF's closed-form solvers (svd, als): each candidate setting solved on the training matrix (a model
+    built for it by `build(cfg)`) and validated; the best is kept. Reported as a fit with one "epoch" per
+    candidate (the loss: svd's relative squared residual, 0 for als).
+    Returns (the chosen model, its config, the fit, the chosen setting)."""
     t0 = time.perf_counter()
     best, history = None, []
-    for i, params in enumerate(closed_form_candidates(mcfg), 1):
-        loss = solve(model, mcfg, data.train_matrix, params, tcfg.seed)
+    for i, params in enumerate(closed_form_candidates(mcfg, free_dim), 1):
+        cfg = dataclasses.replace(mcfg, dim=params.get("factors", mcfg.dim))
+        model = build(cfg)
+        loss = solve(model, cfg, data.train_matrix, params, tcfg.seed)
         metrics = validate(model)
         row = {"epoch": i, "train_loss": loss, **{f"val_{k}": v for k, v in metrics.items()},
                "elapsed_s": time.perf_counter() - t0}
         history.append(row)
         if best is None or metrics[MONITOR] > best[1][MONITOR]:
-            best = (i, metrics, params, copy.deepcopy(model.state_dict()))
+            best = (i, metrics, params, model, cfg)
         if on_epoch is not None:
             on_epoch(i, row)
-    model.load_state_dict(best[3])
+    i, metrics, params, model, cfg = best
     path = checkpoint_dir / "best.pt"
-    save_checkpoint(path, {"model": best[3], "epoch": best[0], "metrics": best[1], "params": best[2]})
-    return (FitResult(best_epoch=best[0], best_metrics=best[1], epochs_run=len(history), stopped="closed_form",
-                      train_seconds=time.perf_counter() - t0, history=history, best_checkpoint=path), best[2])
+    save_checkpoint(path, {"model": model.state_dict(), "epoch": i, "metrics": metrics, "params": params})
+    fit_result = FitResult(best_epoch=i, best_metrics=metrics, epochs_run=len(history), stopped="closed_form",
+                           train_seconds=time.perf_counter() - t0, history=history, best_checkpoint=path)
+    return model, cfg, fit_result, params
+
+
+def refit_loop(model: nn.Module, name: str, mcfg, data: PreparedData, tcfg: TrainConfig, chosen: FitResult,
+               share: float, seconds_left: float | None, checkpoint_dir: Path, fingerprint: dict,
+               resume: str = "match") -> FitResult:
+    """Continue training the chosen model on train + validation (each user's validation item appended)
+    for `share / (1 - share)` of its epochs, from the learning rate it was chosen at down to zero, with no
+    validation (the validation items are now training data). Under a budget, within `seconds_left`."""
+    epochs = max(1, round(share / (1 - share) * chosen.best_epoch))
+    lr = next((h["lr"] for h in chosen.history if h["epoch"] == chosen.best_epoch), tcfg.lr)
+    rcfg = dataclasses.replace(tcfg, epochs=epochs, lr=lr, warmup_steps=0, schedule="linear", seed=tcfg.seed + 1,
+                               max_minutes=None if seconds_left is None else max(seconds_left, 1.0) / 60)
+    both = dataclasses.replace(data, train_seqs=data.histories("test"), train_matrix=train_valid_matrix(data))
+    task = make_task(name, mcfg, both, rcfg)
+    return fit(model, task, rcfg, None, checkpoint_dir=checkpoint_dir, fingerprint={**fingerprint, "refit": epochs},
+               resume=resume)
 
 
 def train_valid_matrix(data: PreparedData) -> sp.csr_matrix:
@@ -407,7 +431,9 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
 
     tracker = tracker or NullTracker()
     data = load_prepared(prepared)
-    mcfg = model_config(cfg)
+    mcfg, recipe = resolve_recipe(cfg.model, model_config(cfg), data.train_seqs)
+    for key, rule in recipe.items():
+        print(f"{cfg.model}.{key}: {rule}", file=sys.stderr)
     tcfg = mcfg.train
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, mcfg, data.n_users, data.n_items)
@@ -434,6 +460,7 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                                        "history excluded; model chosen on validation NDCG@10") as run_id:
         tracker.log_params(flatten({"model": cfg.model, cfg.model: dataclasses.asdict(mcfg),
                                     **({"warm_start": {**warm, "epochs": tcfg.epochs}} if warm else {}),
+                                    **({"recipe": recipe} if recipe else {}),
                                     "data": {"users": data.n_users, "items": data.n_items,
                                              "interactions": data.meta.get("interactions")}}))
         tracker.log_input(name=data.name, digest=data.meta.get("events_sha256", "")[:32],
@@ -451,18 +478,27 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
         validate = lambda m: evaluate(m, data, "valid", tcfg.eval_batch_size)  # noqa: E731
         chosen = None
         if task is None:  # mf's closed-form solvers
-            result, chosen = fit_closed_form(model, mcfg, data, tcfg, validate, out_dir / "checkpoints",
-                                             on_epoch=log_epoch)
+            model, mcfg, result, chosen = fit_closed_form(
+                lambda c: build_model(cfg.model, c, data.n_users, data.n_items), mcfg, data, tcfg, validate,
+                out_dir / "checkpoints", free_dim=model_config(cfg).dim is None, on_epoch=log_epoch)
             tracker.log_params(flatten({"chosen": chosen}))
-        else:
-            result = fit(model, task, tcfg, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch,
+        else:  # under a budget with a refit to come, the chosen model gets (1 - refit_share) of it
+            budget = tcfg.max_minutes
+            main = tcfg if not (cfg.refit and budget) else dataclasses.replace(
+                tcfg, max_minutes=budget * (1 - cfg.refit_share))
+            result = fit(model, task, main, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch,
                          fingerprint=fingerprint, resume=cfg.resume)
         valid = evaluate(model, data, "valid", tcfg.eval_batch_size)
         test = evaluate(model, data, "test", tcfg.eval_batch_size)
         test_no_refit, refit_seconds = None, 0.0
-        if cfg.refit and chosen is not None:  # the chosen setting solved again with the validation items
+        if cfg.refit:  # learn from the validation items too, then test once more
             t1 = time.perf_counter()
-            solve(model, mcfg, train_valid_matrix(data), chosen, tcfg.seed)
+            if chosen is not None:  # the chosen setting solved again
+                solve(model, mcfg, train_valid_matrix(data), chosen, tcfg.seed)
+            else:
+                left = None if not tcfg.max_minutes else tcfg.max_minutes * 60 - result.train_seconds
+                refit_loop(model, cfg.model, mcfg, data, tcfg, result, cfg.refit_share, left,
+                           out_dir / "checkpoints" / "refit", fingerprint, cfg.resume)
             refit_seconds = time.perf_counter() - t1
             test_no_refit, test = test, evaluate(model, data, "test", tcfg.eval_batch_size)
         pop = evaluate_popularity(data, "test")

@@ -1,0 +1,93 @@
+"""Defaults derived from the data: the settings a model leaves unset (None) are filled by written rules from
+the dataset's statistics, so that a first run on an unseen log starts from a recipe sized for it. Explicit
+settings always win; the rules applied are returned so that every run records them.
+
+The rules (BERT4Rec), each anchored on ML-1M, where the resulting recipe is the one measured there
+(benchmarks/results/pretrain_ml1m.md):
+- max_len: the 90th percentile of the training history lengths, plus the [MASK] slot, rounded up to a
+  multiple of 10, within [20, 200]. Longer windows cost attention for padding only most users need.
+- dim: 128 from 500k training interactions up, else 64: a small log does not fill 128 dimensions.
+- batch_size: about 2,048 real tokens a batch (the mean clipped history length into 2,048, as a power of two
+  within [16, 256]). ML-1M's histories give 16, where small batches left the early plateau in the fewest
+  steps at no extra cost per epoch; short histories get larger batches so that an epoch is not thousands of
+  one-token steps.
+- epochs (the schedule's horizon): about 20,000 optimizer steps, at least 50 epochs: ML-1M's 50 epochs at
+  batch 16 are 19k steps; a small log gets more epochs of fewer steps each.
+- eval_every: about every 1,000 optimizer steps (ML-1M: every 3 epochs, as measured there). Counted in
+  epochs, a small log would be validated every few steps, and early stopping (patience in validations)
+  would end it inside its warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from recsys_pretrain.config import BERT4RecConfig, MFConfig
+
+# MF by ALS: the settings left unset are chosen on validation from this grid (factors only when mf.dim is
+# unset). implicit's ALS as a peer with this grid is the baseline mf is measured against (benchmarks/suite.py).
+ALS_GRID = {"factors": (64, 128), "regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 10.0)}
+MF_DIM = 64  # the gradient-descent and svd solvers' dimension when mf.dim is unset
+TOKENS_PER_BATCH = 2048
+STEPS_HORIZON = 20_000
+STEPS_PER_EVAL = 1_000
+DIM_128_FROM = 500_000  # training interactions
+
+
+def history_stats(train_seqs: list[np.ndarray]) -> dict:
+    """Users, training interactions and history-length percentiles of the training sequences."""
+    lengths = np.fromiter((len(s) for s in train_seqs), dtype=np.int64, count=len(train_seqs))
+    lengths = lengths[lengths > 0]
+    if not len(lengths):
+        return {"users": 0, "interactions": 0, "p50": 0.0, "p90": 0.0, "mean": 0.0}
+    return {"users": int(len(lengths)), "interactions": int(lengths.sum()), "p50": float(np.percentile(lengths, 50)),
+            "p90": float(np.percentile(lengths, 90)), "mean": float(lengths.mean()), "lengths": lengths}
+
+
+def _pow2(x: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1.0))))))
+
+
+def bert4rec_recipe(cfg: BERT4RecConfig, stats: dict) -> tuple[BERT4RecConfig, dict[str, str]]:
+    """`cfg` with its unset fields filled from `stats` (history_stats); and, per filled field, the rule."""
+    why: dict[str, str] = {}
+    max_len = cfg.max_len
+    if max_len is None:
+        max_len = int(min(200, max(20, math.ceil((stats["p90"] + 1) / 10) * 10)))
+        why["max_len"] = f"p90 history {stats['p90']:g} + [MASK], rounded up to 10, in [20, 200] -> {max_len}"
+    dim = cfg.dim
+    if dim is None:
+        dim = 128 if stats["interactions"] >= DIM_128_FROM else 64
+        why["dim"] = f"{stats['interactions']:,} training interactions {'>=' if dim == 128 else '<'} {DIM_128_FROM:,} -> {dim}"
+    train = cfg.train
+    batch = train.batch_size
+    if batch is None:
+        clipped = float(np.minimum(stats.get("lengths", np.zeros(1)), max_len).mean()) if stats["users"] else 1.0
+        batch = _pow2(TOKENS_PER_BATCH / clipped, 16, 256)
+        why["train.batch_size"] = f"{TOKENS_PER_BATCH} tokens / mean clipped history {clipped:.1f} -> {batch}"
+    steps = max(1, math.ceil(stats["users"] / batch))  # optimizer steps an epoch
+    epochs = train.epochs
+    if epochs is None:
+        epochs = int(max(50, math.ceil(STEPS_HORIZON / steps)))
+        why["train.epochs"] = f"~{STEPS_HORIZON:,} steps at {steps} an epoch, at least 50 -> {epochs}"
+    every = train.eval_every
+    if every is None:
+        every = max(1, round(STEPS_PER_EVAL / steps))
+        why["train.eval_every"] = f"~{STEPS_PER_EVAL:,} steps at {steps} an epoch -> every {every} epoch(s)"
+    train = dataclasses.replace(train, batch_size=batch, epochs=epochs, eval_every=every)
+    return dataclasses.replace(cfg, max_len=max_len, dim=dim, train=train), why
+
+
+def resolve(name: str, cfg: BERT4RecConfig | MFConfig, train_seqs: list[np.ndarray]) -> tuple[object, dict[str, str]]:
+    """The model config with every data-derived default filled in, and the rules that filled them."""
+    if name == "bert4rec":
+        return bert4rec_recipe(cfg, history_stats(train_seqs))
+    if name == "mf" and cfg.dim is None:
+        if cfg.loss == "als":
+            dims = ALS_GRID["factors"]
+            return dataclasses.replace(cfg, dim=max(dims)), {"dim": f"chosen on validation among {dims} (als grid)"}
+        return dataclasses.replace(cfg, dim=MF_DIM), {"dim": f"{MF_DIM} ({cfg.loss})"}
+    return cfg, {}
