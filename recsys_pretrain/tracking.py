@@ -742,6 +742,7 @@ class NullTracker:
 def register_model(model_uri: str, name: str, tracking_uri: str, reuse: bool = False) -> int:
     """New version of registered model `name` (created when missing) from `model_uri`; returns the version.
     `reuse`: a model URI already registered under `name` returns that version (a retried task registers once)."""
+    _activate(tracking_uri)  # MLflow resolves a models:/ source through the process-wide store
     client = _client(tracking_uri)
     try:
         client.create_registered_model(name)
