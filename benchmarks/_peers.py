@@ -17,8 +17,9 @@ import scipy.sparse as sp
 import torch
 from scipy.linalg import lapack
 
+from recsys_pretrain.data.prepared import PreparedData, history_matrix
+from recsys_pretrain.evaluation import evaluate_popularity
 from recsys_pretrain.metrics import evaluate_scores
-from recsys_pretrain.train.pretrain import PreparedData, evaluate_popularity, history_matrix
 
 EASE_LAMBDAS = (1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 3000.0)
 EASE_EXHAUSTIVE_ITEMS = 10_000  # above: a hill climb over the grid from its middle (each fit is O(n^3))

@@ -63,9 +63,10 @@ RECIPES.update({f"early_{k}": [*EARLY_BASE, *v] for k, v in EARLY.items()})
 ONE = """
 import json, sys, time, torch
 from recsys_pretrain.config import load_config
-from recsys_pretrain.models import BERT4Rec
+from recsys_pretrain.data.prepared import load_prepared
+from recsys_pretrain.evaluation import evaluate
+from recsys_pretrain.models.bert4rec import BERT4Rec, MaskedItemTask
 from recsys_pretrain.train.loop import fit
-from recsys_pretrain.train.pretrain import SequenceTask, evaluate, load_prepared
 data_dir, device, epochs, eval_every, out = sys.argv[1:6]
 over = sys.argv[6:]
 cfg = load_config(None, [f"pretrain.bert4rec.{o}" for o in over] + [
@@ -74,7 +75,7 @@ cfg = load_config(None, [f"pretrain.bert4rec.{o}" for o in over] + [
 torch.manual_seed(cfg.train.seed)
 data = load_prepared(data_dir)
 model = BERT4Rec(data.n_items, cfg).to(device)
-task = SequenceTask(data.train_seqs, cfg, data.n_items, cfg.train.batch_size)
+task = MaskedItemTask(data.train_seqs, cfg, data.n_items, cfg.train.batch_size)
 t0 = time.perf_counter()
 res = fit(model, task, cfg.train, lambda m: evaluate(m, data, "valid", 1024))
 test = evaluate(model, data, "test", 1024)
@@ -87,9 +88,10 @@ json.dump({"overrides": over, "device": device, "history": res.history, "best_ep
 TIME_ONE = """
 import dataclasses, json, sys, time, torch
 from recsys_pretrain.config import load_config
-from recsys_pretrain.models import BERT4Rec
+from recsys_pretrain.data.prepared import load_prepared
+from recsys_pretrain.evaluation import evaluate
+from recsys_pretrain.models.bert4rec import BERT4Rec, MaskedItemTask
 from recsys_pretrain.train.loop import fit
-from recsys_pretrain.train.pretrain import SequenceTask, evaluate, load_prepared
 data_dir, epochs = sys.argv[1:3]
 cfg = load_config(None, [f"pretrain.bert4rec.{o}" for o in sys.argv[3:]]).pretrain.bert4rec
 tcfg = dataclasses.replace(cfg.train, epochs=int(epochs), eval_every=10**6, progress=False)  # validates once, at the end
@@ -103,7 +105,7 @@ def validate(m):
     val_s.append(time.perf_counter() - t0)
     return out
 
-res = fit(BERT4Rec(data.n_items, cfg), SequenceTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg, validate)
+res = fit(BERT4Rec(data.n_items, cfg), MaskedItemTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg, validate)
 print(json.dumps({"train_epoch_s": (res.train_seconds - sum(val_s)) / res.epochs_run, "validation_s": val_s[-1]}))
 """
 

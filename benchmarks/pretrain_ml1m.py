@@ -31,17 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, DATASETS, RESULTS, ROOT, write_results  # noqa: E402
 
 from recsys_pretrain.checkpoint import build_model  # noqa: E402
-from recsys_pretrain.config import IngestConfig, MFConfig, PrepareConfig, load_config  # noqa: E402
+from recsys_pretrain.config import IngestConfig, PrepareConfig, load_config  # noqa: E402
 from recsys_pretrain.data.ingest import ingest  # noqa: E402
 from recsys_pretrain.data.prepare import prepare  # noqa: E402
+from recsys_pretrain.data.prepared import history_matrix, load_prepared  # noqa: E402
+from recsys_pretrain.evaluation import evaluate, evaluate_popularity  # noqa: E402
 from recsys_pretrain.metrics import evaluate_scores  # noqa: E402
-from recsys_pretrain.train.pretrain import (  # noqa: E402
-    evaluate,
-    evaluate_popularity,
-    history_matrix,
-    load_prepared,
-    pretrain,
-)
+from recsys_pretrain.models.mf import MFConfig  # noqa: E402
+from recsys_pretrain.train.pretrain import pretrain  # noqa: E402
 
 SOURCE = DATASETS / "ml-1m" / "ml-1m_sasrec_style.txt"
 WORK = CACHE / "ml-1m"

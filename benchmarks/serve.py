@@ -80,9 +80,10 @@ def exactness(work: Path, model_dir: Path, index_dir: Path) -> dict:
     import torch
 
     from recsys_pretrain.checkpoint import load_model_dir
+    from recsys_pretrain.data.prepared import history_matrix, load_prepared
+    from recsys_pretrain.evaluation import evaluate
     from recsys_pretrain.index import load_index
     from recsys_pretrain.recommend import Recommender
-    from recsys_pretrain.train.pretrain import evaluate, history_matrix, load_prepared
 
     data = load_prepared(work / "prepared")
     model, meta, vocab = load_model_dir(model_dir)

@@ -40,7 +40,8 @@ from _common import CACHE, DATASETS, RESULTS, write_results  # noqa: E402
 from recsys_pretrain.config import IngestConfig, PrepareConfig, PretrainConfig, load_config  # noqa: E402
 from recsys_pretrain.data.ingest import ingest  # noqa: E402
 from recsys_pretrain.data.prepare import prepare  # noqa: E402
-from recsys_pretrain.train.pretrain import load_prepared, pretrain  # noqa: E402
+from recsys_pretrain.data.prepared import load_prepared  # noqa: E402
+from recsys_pretrain.train.pretrain import pretrain  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,8 +32,9 @@ from _common import CACHE, DATASETS, RESULTS, write_results  # noqa: E402
 from recsys_pretrain.config import IngestConfig, PrepareConfig, load_config  # noqa: E402
 from recsys_pretrain.data.ingest import ingest  # noqa: E402
 from recsys_pretrain.data.prepare import prepare  # noqa: E402
+from recsys_pretrain.data.prepared import load_prepared  # noqa: E402
 from recsys_pretrain.tracking import MLflowTracker, resolve_tracking_uri  # noqa: E402
-from recsys_pretrain.train.pretrain import load_prepared, pretrain  # noqa: E402
+from recsys_pretrain.train.pretrain import pretrain  # noqa: E402
 from recsys_pretrain.tune import tune  # noqa: E402
 
 WORK = CACHE / "tune"

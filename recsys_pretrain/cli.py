@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from recsys_pretrain.config import ConfigError, RunConfig, load_config
+from recsys_pretrain.models import MODELS
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 FORCE_HELP = "replace --out even if this project did not write it (never allowed when it holds an input)"
@@ -153,15 +154,12 @@ def cmd_tune(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, extra: list[str]) -> int:
     from recsys_pretrain.checkpoint import load_model_dir
-    from recsys_pretrain.train.pretrain import evaluate, load_prepared
+    from recsys_pretrain.data.prepared import load_prepared
+    from recsys_pretrain.evaluation import evaluate
+    from recsys_pretrain.registry import resolve_model_dir
 
     cfg, _ = _config(args, extra, "pretrain")
-    model_dir = Path(args.model)
-    if not model_dir.exists():  # an MLflow run id: fetch its model directory
-        from recsys_pretrain.tracking import download_artifacts, resolve_tracking_uri
-
-        model_dir = download_artifacts(args.model, "model_dir", resolve_tracking_uri(cfg.pretrain.tracking_uri,
-                                                                                     cfg.data_dir))
+    model_dir = resolve_model_dir(args.model, _model_tracking_uri(args.model, cfg))
     model, meta, _ = load_model_dir(model_dir)
     data = load_prepared(args.data)
     if (meta["n_users"], meta["n_items"]) != (data.n_users, data.n_items):
@@ -184,18 +182,14 @@ def cmd_labels(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain.registry import resolve_model_dir
     from recsys_pretrain.train.finetune import check_pretrained_before_labels, finetune
 
     cfg, _ = _config(args, extra, "finetune")
     fcfg = cfg.finetune if args.label_fraction is None else replace(cfg.finetune, label_fraction=args.label_fraction)
     if args.init:
         fcfg = replace(fcfg, init=args.init)
-    pretrained = Path(args.pretrained)
-    if not pretrained.exists():  # an MLflow run id
-        from recsys_pretrain.tracking import download_artifacts, resolve_tracking_uri
-
-        pretrained = download_artifacts(args.pretrained, "model_dir",
-                                        resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir))
+    pretrained = resolve_model_dir(args.pretrained, _model_tracking_uri(args.pretrained, cfg))
     check_pretrained_before_labels(pretrained)
     data = Path(args.data)
     if not (data / "labels.parquet").exists() and (data / "events.parquet").exists():
@@ -349,33 +343,36 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
     cfg, _ = _config(args, extra, "serve")
     scfg = _serve_config(args, cfg)
+    if args.reload_poll_s is not None:
+        scfg = replace(scfg, reload_poll_s=args.reload_poll_s)
     serve(scfg, tracking_uri=_serve_tracking_uri(scfg, cfg))
     return 0
 
 
 def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
-    """The data stages on the configured log: generate it (when synthetic), ingest, prepare, print the report.
-    The whole pipeline with training, registry and index is the nightly flow (`make run`)."""
-    from recsys_pretrain.data.ingest import ingest
-    from recsys_pretrain.data.prepare import prepare
+    """The data stages on the configured log, where and as the nightly flow runs them: generate it (when
+    `flow.inputs` is empty), ingest, prepare, print the report. The whole pipeline with training, registry and
+    index is the nightly flow (`make run`)."""
+    from recsys_pretrain import nightly  # the flow's own steps and paths (loads every stage: seconds)
 
     cfg, _ = _config(args, extra, None)
-    root = Path(cfg.data_dir).resolve() / cfg.name
-    raw = root / "raw" / "events.csv"
-    print(f"[1/3] synthesising {cfg.synth.n_users:,} users x {cfg.synth.n_items:,} items -> {raw}")
-    _synthesize(cfg.synth, raw, "csv", root / "raw" / "truth.npz")
-    ingest_cfg = replace(cfg.ingest, format="generic")
-    print(f"[2/3] ingesting -> {root / 'ingested'}")
-    result = ingest([raw], root / "ingested", ingest_cfg)
-    print(f"[3/3] preparing -> {root / 'prepared'}")
-    meta = prepare(root / "ingested", root / "prepared", cfg.prepare)
+    inputs = list(cfg.flow.inputs)
+    if not inputs:
+        print(f"[1/3] synthesising {cfg.synth.n_users:,} users x {cfg.synth.n_items:,} items")
+        inputs = nightly.synthesize_log(cfg)
+    print(f"[2/3] ingesting {', '.join(inputs)}")
+    ingested = Path(nightly.ingest_step(inputs, cfg))
+    print(f"[3/3] preparing {ingested}")
+    prepared = Path(nightly.prepare_step(str(ingested), cfg))
+    meta = json.loads((prepared / "meta.json").read_text())
+    report = json.loads((ingested / "report.json").read_text())
     print()
-    print((root / "ingested" / "report.md").read_text())
+    print((ingested / "report.md").read_text())
+    print(f"ingested: {ingested}\nprepared: {prepared}")
     print(f"prepared: {meta['n_users']:,} users, {meta['n_items']:,} items, {meta['interactions']:,} interactions, "
           f"{meta['loo']['users_with_test']:,} users with a held-out test item; matrix nnz {meta['matrix']['nnz']:,}")
-    r = result.report
-    print(f"rows read {r['rows_read']:,} = accepted {r['rows_accepted']:,} + quarantined {r['rows_quarantined']:,}"
-          f" + duplicate {r['rows_duplicate']:,}")
+    print(f"rows read {report['rows_read']:,} = accepted {report['rows_accepted']:,} + quarantined "
+          f"{report['rows_quarantined']:,} + duplicate {report['rows_duplicate']:,}")
     return 0
 
 
@@ -408,8 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help=FORCE_HELP)
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("pretrain", help="train mf or bert4rec on a prepared dataset, tracked in MLflow")
-    s.add_argument("--model", choices=["mf", "bert4rec"], required=True)
+    s = sub.add_parser("pretrain", help="train a model on a prepared dataset, tracked in MLflow")
+    s.add_argument("--model", choices=sorted(MODELS), required=True)
     s.add_argument("--data", required=True, help="a prepared directory")
     s.add_argument("--out", help="output directory (checkpoints/, model/)")
     s.add_argument("--max-minutes", type=float,
@@ -423,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tune", help="hyper-parameter search (Optuna TPE, pruned on validation NDCG@10) within a "
                                     "time budget; writes best.yaml, a config that `pretrain` accepts")
-    s.add_argument("--model", choices=["mf", "bert4rec"], help="the model to tune (default: tune.model)")
+    s.add_argument("--model", choices=sorted(MODELS), help="the model to tune (default: tune.model)")
     s.add_argument("--data", required=True, help="a prepared directory")
     s.add_argument("--minutes", type=float, help="total budget (default: tune.minutes); each trial is capped at "
                                                  "tune.trial_max_minutes (default: a quarter of it)")
@@ -487,11 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="the HTTP candidate service (FastAPI + uvicorn)")
     s.add_argument("--model", help="a model directory, an MLflow run id or models:/NAME@ALIAS")
     s.add_argument("--index", help="an index directory, or a pointer file (.json: model + index, as the nightly "
-                                   "flow publishes); default: exact search built in memory")
+                                   "flow publishes: followed, and waited for until it is first published); "
+                                   "default: exact search built in memory")
     s.add_argument("--categories", help="table with item_id, category_id for the category filter")
     s.add_argument("--host", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=int)
     s.add_argument("--reranker", help="re-rank the candidates with a fine-tuned ranker (MLflow model URI)")
+    s.add_argument("--reload-poll-s", type=float, metavar="SECONDS",
+                   help="how often the pointer file / index / model alias is checked for a new publication, "
+                        "swapped in without a restart (serve.reload_poll_s, default 5; 0 = only POST /admin/reload)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("run", help="the data stages once (generate, ingest, prepare); the whole "

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from recsys_pretrain.data.synthetic import SynthConfig
+from recsys_pretrain.models import MODELS
+from recsys_pretrain.train_config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -71,80 +73,10 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The training loop, shared by every model."""
+class _PretrainSettings:
+    """The pretraining stage's own settings; `PretrainConfig` adds one section per registered model."""
 
-    epochs: int | None = 200  # the learning-rate schedule's horizon; early stopping usually ends sooner
-    batch_size: int | None = 128  # None (BERT4Rec's default): derived from the data, recipes.py
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 200
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
-    grad_clip: float = 1.0
-    patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
-    eval_every: int | None = 1  # epochs between validations (None, BERT4Rec's default: derived, recipes.py)
-    max_minutes: float | None = None  # wall-clock budget for training (evaluation included)
-    # Under max_minutes, decay the schedule over the epochs the budget fits. Off by default: on ML-1M a
-    # 12-minute BERT4Rec run decayed this way ended at test NDCG@10 0.068, against 0.092 at the same minute
-    # on the 60-minute schedule (benchmarks/results/pretrain_ml1m.md): decaying on the early plateau hurts.
-    budget_horizon: bool = False
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = PyTorch's default
-    eval_batch_size: int = 512
-    progress: bool = True
-
-
-@dataclass(frozen=True)
-class MFConfig:
-    dim: int | None = None  # None: chosen with the als grid, else 64 (recipes.py)
-    # svd (PureSVD, closed form) | als (implicit's weighted ALS) | softmax (multinomial over the catalogue, by
-    # AdamW) | bpr. `train` applies to softmax and bpr only.
-    loss: str = "als"
-    # als: L2 regularization and confidence scale; None = chosen on validation NDCG@10 from ALS_GRID
-    regularization: float | None = None
-    alpha: float | None = None
-    iterations: int = 15
-    init_std: float = 0.01
-    # Chosen on ML-1M validation NDCG@10 (benchmarks/pretrain_ml1m.py): as good as 24 epochs at 5e-3, in 2/3 the time.
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=16, batch_size=128, lr=1e-2, weight_decay=0.0,
-                                            warmup_steps=0, patience=2, eval_every=8)
-    )
-
-
-@dataclass(frozen=True)
-class BERT4RecConfig:
-    # Defaults: the recipe chosen by benchmarks/bert4rec_sweep.py (learning per epoch) and the CPU cost
-    # per epoch, on ML-1M; see benchmarks/results/pretrain_ml1m.md. None = derived from the data by the
-    # rules in recsys_pretrain/recipes.py (on ML-1M they give 128, 200, batch 16 and 50 epochs).
-    dim: int | None = None
-    n_layers: int = 2
-    n_heads: int = 4
-    ffn_mult: int = 4
-    max_len: int | None = None
-    dropout: float = 0.1  # embeddings, residual and feed-forward
-    attn_dropout: float = 0.0  # > 0 forces PyTorch's slow attention kernel on CPU
-    mask_prob: float = 0.3
-    last_item_prob: float = 0.2  # share of training sequences with only the last item masked
-    window: str = "last"  # training window of long histories: last | random (a random slice each epoch)
-    negatives: int = 0  # 0 = full softmax; K > 0 = sampled softmax with K popularity-sampled negatives
-    init_std: float | None = 0.02  # truncated-normal std of embeddings and linear layers; None = PyTorch's own
-    length_buckets: bool = True  # batch sequences of similar length together (less padding to compute)
-    token_weighted: bool = True  # weigh each batch's loss by its masked items, so each item counts alike
-    # Batch (derived; 16 on ML-1M): on this CPU an epoch costs the same at batch 8 to 128 (about 38 s on
-    # ML-1M), and smaller batches leave the early popularity plateau in fewer epochs (val NDCG@10 at epoch
-    # 12: 0.054 at 128, 0.091 at 64, 0.120 at 32, 0.122 at 16, 0.119 at 8; benchmarks/results/bert4rec_early.md).
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=None, batch_size=None, lr=2e-3, weight_decay=0.01,
-                                            warmup_steps=200, patience=6, eval_every=None)
-    )
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    model: str = "bert4rec"  # mf | bert4rec
-    mf: MFConfig = field(default_factory=MFConfig)
-    bert4rec: BERT4RecConfig = field(default_factory=BERT4RecConfig)
+    model: str = "bert4rec"  # a name in recsys_pretrain.models.MODELS
     experiment: str | None = None  # MLflow experiment; None = named after the dataset
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
     warm_epoch_share: float = 0.25  # a warm-started run trains this share of the epoch budget
@@ -159,6 +91,22 @@ class PretrainConfig:
     # Trained models refit by continuing from the chosen epoch on train + validation sequences for this share
     # of the training (epochs and, under max_minutes, the budget: the chosen model gets the rest).
     refit_share: float = 0.15
+
+    def model_config(self, name: str | None = None) -> Any:
+        """The config section of model `name` (default: `self.model`)."""
+        name = self.model if name is None else name
+        if name not in MODELS:
+            raise ConfigError(f"pretrain.model: unknown model {name!r}; known: {sorted(MODELS)}")
+        return getattr(self, name)
+
+
+# `pretrain.<name>` for every model in the registry, typed by the model's own config class.
+PretrainConfig = dataclasses.make_dataclass(
+    "PretrainConfig",
+    [(name, cls.Config, field(default_factory=cls.Config)) for name, cls in MODELS.items()],
+    bases=(_PretrainSettings,), frozen=True,
+)
+PretrainConfig.__module__ = __name__
 
 
 @dataclass(frozen=True)
@@ -205,7 +153,9 @@ class GateConfig:
 @dataclass(frozen=True)
 class FlowConfig:
     inputs: tuple[str, ...] = ()  # raw logs; empty = generate the synthetic log (`synth`)
-    models: tuple[str, ...] = ("mf", "bert4rec")
+    models: tuple[str, ...] = ("mf", "bert4rec")  # names in recsys_pretrain.models.MODELS, trained in this order
+    # the index published for serving is the champion of the first of these that has one
+    serving_order: tuple[str, ...] = ("bert4rec", "mf")
     finetune: bool = True
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
     registry_prefix: str = "recsys"  # registered models: <prefix>-mf, <prefix>-bert4rec, <prefix>-ranker
@@ -265,7 +215,11 @@ class ServeConfig:
     reranker: str | None = None  # MLflow pyfunc URI scoring (user_id, item_id) pairs; None = model order
     reranker_column: str = "p_ctcvr"  # the column to rank by when the pyfunc returns a table
     rerank_pool: int = 100  # candidates fetched for the re-ranker to reorder
-    reload_poll_s: float = 0.0  # > 0: swap in the index directory when it is rebuilt, checked this often
+    # How often the service looks at what it follows, and swaps in a new model + index when it changed: the
+    # pointer file (index=.../serving/current.json, as the nightly flow publishes), else the index directory
+    # and the model's alias (model=models:/NAME@ALIAS). Before the first publication it waits, not ready.
+    # 0 = never: only POST /admin/reload swaps.
+    reload_poll_s: float = 5.0
     # uvicorn's access log (off by default). Paths carry user ids: with a user key configured the id in
     # /recommend/{user_id} is written as <user> in it.
     access_log: bool = False
@@ -301,7 +255,7 @@ class TuneConfig:
     """The hyper-parameter search over one model's pretraining (recsys_pretrain/tune.py): Optuna's TPE
     sampler, trials pruned on their per-epoch validation NDCG@10, within a total wall-clock budget."""
 
-    model: str = "bert4rec"  # mf | bert4rec
+    model: str = "bert4rec"  # a name in recsys_pretrain.models.MODELS
     minutes: float = 60.0  # total budget: no trial starts unless its cap (plus export) still fits
     trial_max_minutes: float | None = None  # per-trial cap, the model's train.max_minutes; None = minutes / 4
     n_trials: int | None = None  # at most this many trials; None = as many as the budget allows
@@ -313,7 +267,7 @@ class TuneConfig:
     # Dotted keys of the pretrain section under the model ("bert4rec.dim", "bert4rec.train.lr") to a
     # distribution: {type: categorical, choices: [...]} | {type: float, low, high, log?, step?} |
     # {type: int, low, high, log?, step?}. Nested mappings ({bert4rec: {dim: {...}}}) work too, so that
-    # `tune.space.mf.dim=...` overrides do. Empty = the model's default space (tune.DEFAULT_SPACES).
+    # `tune.space.mf.dim=...` overrides do. Empty = the model's default space (its `search_space`).
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -401,17 +355,6 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", base: Any = Non
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`: the shape MLflow params want."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

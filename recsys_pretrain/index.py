@@ -23,18 +23,17 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+import psutil
 
 from recsys_pretrain.config import IndexConfig
-from recsys_pretrain.io import _UMASK, atomic_dir, check_output
+from recsys_pretrain.io import atomic_dir, check_output, sha256_file
+from recsys_pretrain.registry import resolve_model_dir
 from recsys_pretrain.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -48,104 +47,10 @@ RECALL_KS = (10, 100)
 MIPS_MODES = ("ip", "l2")
 # efSearch / nprobe candidates, cheapest first; tuning stops at the first that reaches the target.
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class IndexMismatchError(ValueError):
     """An index directory disagrees with its own metadata or with the model it is used with."""
-
-
-# ---- model sources ------------------------------------------------------------------------------------------
-def resolve_model_dir(source: str | Path, tracking_uri: str | None = None,
-                      cache_dir: str | Path | None = None) -> Path:
-    """A local model directory for `source`: a directory, an MLflow run id (or `runs:/RUN_ID`), or a
-    registered model alias `models:/NAME@ALIAS` (the alias's run, whose `model_dir` artifact is fetched)."""
-    text = str(source)
-    if Path(text).is_dir():
-        return Path(text)
-    run_id = None
-    if text.startswith("models:/"):
-        name, sep, alias = text[len("models:/"):].partition("@")
-        if not sep or not name or not alias:
-            raise ValueError(f"model source {text!r}: expected models:/NAME@ALIAS")
-        from recsys_pretrain.tracking import get_alias_version
-
-        found = get_alias_version(name, alias, _uri(tracking_uri, text))
-        if found is None:
-            raise FileNotFoundError(f"model source {text!r}: no registered model {name!r} with alias {alias!r}")
-        if not found.get("run_id"):
-            raise ValueError(f"model source {text!r}: version {found['version']} has no run to fetch from")
-        run_id = found["run_id"]
-    elif text.startswith("runs:/"):
-        run_id = text[len("runs:/"):].split("/", 1)[0]
-    elif _RUN_ID.match(text):
-        run_id = text
-    if run_id is None:
-        raise FileNotFoundError(f"model source {text!r}: not a directory, an MLflow run id, runs:/RUN_ID "
-                                "or models:/NAME@ALIAS")
-    from recsys_pretrain.tracking import download_artifacts
-
-    if cache_dir is None:
-        return download_artifacts(run_id, "model_dir", _uri(tracking_uri, text))
-    return _cached_download(Path(cache_dir), run_id, lambda dst: download_artifacts(
-        run_id, "model_dir", _uri(tracking_uri, text), dst_path=dst))
-
-
-CACHE_COMPLETE = ".complete"  # written last into a cache entry, before it is moved into place
-CACHE_TMP_PREFIX = ".tmp-"  # downloads in progress (or cut off), beside the entries of a cache directory
-_STALE_TMP_S = 24 * 3600
-
-
-def _cached_download(cache: Path, run_id: str, download) -> Path:
-    """`cache/<run_id>/model_dir`, downloaded once: into `cache/.tmp-<random>`, marked complete, then moved
-    to its name with one rename, so an entry is there whole or not at all (a download cut off by a crash or
-    a full disk leaves only a .tmp- directory, removed by a later call once it is a day old). Artifacts of
-    a finished run never change: a complete entry is reused as it is. An entry without the mark (written by
-    an older version, which downloaded in place) is set aside and fetched again."""
-    final = cache / run_id
-    if (final / CACHE_COMPLETE).exists():
-        return final / "model_dir"
-    cache.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(cache)
-    if final.exists():  # incomplete: moved aside first (one rename), then removed
-        aside = Path(tempfile.mkdtemp(prefix=CACHE_TMP_PREFIX, dir=cache))
-        try:
-            os.replace(final, aside / run_id)
-        except OSError:
-            pass  # another process moved it first
-        shutil.rmtree(aside, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=CACHE_TMP_PREFIX, dir=cache))
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; the entry is an ordinary directory
-        local = Path(download(tmp))
-        if local.resolve() != (tmp / "model_dir").resolve():
-            raise RuntimeError(f"model download landed in {local}, not in {tmp / 'model_dir'}")
-        (tmp / CACHE_COMPLETE).touch()
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process put it in place meanwhile: theirs is as good
-            if not (final / CACHE_COMPLETE).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already when it was moved into place
-    return final / "model_dir"
-
-
-def _remove_stale_tmp(cache: Path) -> None:
-    """Downloads a crash cut off, left a day ago or more (a recent one may still be running elsewhere)."""
-    now = time.time()
-    for entry in cache.glob(f"{CACHE_TMP_PREFIX}*"):
-        try:
-            if now - entry.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(entry, ignore_errors=True)
-        except OSError:
-            pass
-
-
-def _uri(tracking_uri: str | None, what: str) -> str:
-    if not tracking_uri:
-        raise ValueError(f"model source {what!r} is an MLflow reference: a tracking_uri is needed")
-    return tracking_uri
 
 
 def sha256_array(a: np.ndarray) -> str:
@@ -153,14 +58,6 @@ def sha256_array(a: np.ndarray) -> str:
     a = np.ascontiguousarray(a, dtype=np.float32)
     h = hashlib.sha256(repr(a.shape).encode())
     h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -515,8 +412,6 @@ def build_index(vectors: np.ndarray, vocab: Vocab, cfg: IndexConfig, queries: np
 
 
 def _rss_mib() -> float:
-    import psutil
-
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
 
 
@@ -531,10 +426,10 @@ class IndexBuildResult:
 def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, tracker=None,
                       tracking_uri: str | None = None, cache_dir: str | Path | None = None,
                       parent_run_id: str | None = None, force: bool = False) -> IndexBuildResult:
-    """Build, tune and save the index for a trained model (directory, run id or models:/NAME@ALIAS), and
+    """Build, tune and save the index for a trained model (whatever `registry.resolve_model_dir` takes), and
     record the build (parameters, recall@10/@100, build time, memory, the tuning curve) as a tracked run,
     nested under `parent_run_id` when given (a flow's run)."""
-    from recsys_pretrain.tracking import NullTracker
+    from recsys_pretrain.tracking import NullTracker  # loads mlflow: a build needs it, serving does not
 
     tracker = tracker or NullTracker()
     model_dir = resolve_model_dir(model, tracking_uri, cache_dir)
@@ -571,7 +466,7 @@ def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, trac
         tracker.set_tags({"target_met": meta["recall"]["target_met"], "search_param": meta["search"]})
         tracker.log_dict(meta, "index.json")
         if meta.get("tuning"):
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # heavy, and only a build with a tuning curve draws
 
             fig = recall_latency_plot(meta)
             tracker.log_figure(fig, "recall_vs_latency.png")
@@ -581,7 +476,7 @@ def build_model_index(model: str | Path, out: str | Path, cfg: IndexConfig, trac
 
 def recall_latency_plot(meta: dict):
     """Recall@10 / @100 against single-query p50 latency along the tuning walk, the chosen setting marked."""
-    import matplotlib
+    import matplotlib  # heavy, and only a build with a tuning curve draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -63,6 +64,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def sha256_file(path: str | Path, into: hashlib._Hash | None = None, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes, read in chunks; with `into`, the bytes are added to that running hash."""
+    h = hashlib.sha256() if into is None else into
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -12,10 +12,33 @@ import json
 import shutil
 from pathlib import Path
 
-from recsys_pretrain.config import RunConfig
+import polars as pl
+
+from recsys_pretrain.checkpoint import item_overlap, load_model_dir
+from recsys_pretrain.config import RunConfig, ServeConfig
+from recsys_pretrain.data.forget import forget_pending
+from recsys_pretrain.data.ingest import ingest
+from recsys_pretrain.data.labels import build_labels
+from recsys_pretrain.data.prepare import prepare
+from recsys_pretrain.data.prepared import load_prepared
+from recsys_pretrain.data.synthetic import write_synthetic
+from recsys_pretrain.evaluation import evaluate
 from recsys_pretrain.gates import GateResult, promotion_gate, quality_gate
-from recsys_pretrain.io import file_lock, write_json
-from recsys_pretrain.tracking import redact_uri
+from recsys_pretrain.index import build_model_index
+from recsys_pretrain.io import file_lock, sha256_file, write_json
+from recsys_pretrain.models import model_class, resolve
+from recsys_pretrain.registry import (
+    champion_trained_at,
+    get_alias_version,
+    register_model,
+    resolve_model_dir,
+    set_alias,
+)
+from recsys_pretrain.serve import load_recommender
+from recsys_pretrain.tracking import MLflowTracker, redact_uri, run_metrics, set_run_tags
+from recsys_pretrain.train.finetune import finetune, pretrain_before_cutoff
+from recsys_pretrain.train.pretrain import pretrain
+from recsys_pretrain.vocab import Vocab
 
 
 def content_hash(paths: list[str | Path]) -> str:
@@ -23,9 +46,7 @@ def content_hash(paths: list[str | Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(str(Path(p).name).encode())
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
+        sha256_file(p, into=h)
     return h.hexdigest()
 
 
@@ -35,8 +56,6 @@ def root(cfg: RunConfig) -> Path:
 
 def synthesize_log(cfg: RunConfig) -> list[str]:
     """The embedded default input: a generated log (skipped when already there for this config)."""
-    from recsys_pretrain.data.synthetic import write_synthetic
-
     raw = root(cfg) / "raw" / f"events-seed{cfg.synth.seed}.csv"
     if not raw.exists():
         write_synthetic(cfg.synth, raw, truth=raw.with_suffix(".truth.npz"))
@@ -44,8 +63,6 @@ def synthesize_log(cfg: RunConfig) -> list[str]:
 
 
 def ingest_step(inputs: list[str], cfg: RunConfig) -> str:
-    from recsys_pretrain.data.ingest import ingest
-
     out = root(cfg) / "ingested" / content_hash(inputs)[:16]
     ingest(inputs, out, cfg.ingest)
     return str(out)
@@ -77,8 +94,6 @@ def update_state(cfg: RunConfig, change) -> dict:
 
 def quality_step(ingested: str, cfg: RunConfig) -> GateResult:
     """Tonight's ingest against the last accepted one (recorded in data/<name>/state.json)."""
-    import polars as pl
-
     report = json.loads((Path(ingested) / "report.json").read_text())
     last = read_state(cfg).get("last_ingested")
     previous, known = None, None
@@ -94,8 +109,6 @@ def accept_ingest(ingested: str, cfg: RunConfig) -> None:
 
 
 def prepare_step(ingested: str, cfg: RunConfig) -> str:
-    from recsys_pretrain.data.prepare import prepare
-
     out = root(cfg) / "prepared" / Path(ingested).name
     prepare(ingested, out, cfg.prepare)
     return str(out)
@@ -103,13 +116,9 @@ def prepare_step(ingested: str, cfg: RunConfig) -> str:
 
 def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, parent_run_id: str | None,
                   flow_run_id: str | None = None) -> dict:
-    from dataclasses import replace
-
-    from recsys_pretrain.tracking import MLflowTracker, set_run_tags
-    from recsys_pretrain.train.pretrain import pretrain
-
     tracker = MLflowTracker(tracking_uri)
-    pcfg = replace(cfg.pretrain, model=model, resume="restart")  # the flow owns `out`: another config's checkpoint is stale
+    # the flow owns `out`: another config's checkpoint there is stale
+    pcfg = dataclasses.replace(cfg.pretrain, model=model, resume="restart")
     source, why = warm_start_source(model, prepared, cfg, tracking_uri)
     out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}{'-warm' if source else ''}"
     if (out / "model").exists():  # a finished run of the same data: train anew (an unfinished one resumes)
@@ -131,18 +140,11 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
 
 def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[str | None, str]:
     """The champion's model directory to warm-start `model` from tonight, or None, and why."""
-    from recsys_pretrain.checkpoint import item_overlap
-    from recsys_pretrain.data.forget import forget_pending
-    from recsys_pretrain.index import resolve_model_dir
-    from recsys_pretrain.recipes import resolve as resolve_recipe
-    from recsys_pretrain.tracking import champion_trained_at, get_alias_version
-    from recsys_pretrain.train.pretrain import CLOSED_FORM, load_prepared
-    from recsys_pretrain.vocab import Vocab
-
     if not cfg.flow.warm_start:
         return None, "from scratch: warm start is off"
-    if model == "mf" and cfg.pretrain.mf.loss in CLOSED_FORM:
-        return None, f"from scratch: mf's {cfg.pretrain.mf.loss} solver is closed form (seconds): nothing to warm-start"
+    cls, given = model_class(model), cfg.pretrain.model_config(model)
+    if cls.closed_form(given):
+        return None, f"from scratch: {model} is solved in closed form (seconds): nothing to warm-start"
     champ = get_alias_version(f"{cfg.flow.registry_prefix}-{model}", "champion", tracking_uri)
     if champ is None:
         return None, "from scratch: no champion to start from"
@@ -153,11 +155,10 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     if cfg.flow.full_retrain_every > 0 and (night - 1) % cfg.flow.full_retrain_every == 0:
         return None, f"from scratch: night {night}, a full retrain every {cfg.flow.full_retrain_every} nights"
     source = resolve_model_dir(champ["run_id"], tracking_uri, cache_dir=_model_cache(cfg))
-    shape_keys = ("dim", "n_heads", "n_layers", "max_len", "ffn_mult", "loss")  # what sizes and shapes the weights
     old_cfg = json.loads((Path(source) / "model.json").read_text())["config"]
-    arch = {k: old_cfg.get(k) for k in shape_keys}
-    resolved, _ = resolve_recipe(model, getattr(cfg.pretrain, model), load_prepared(prepared).train_seqs)
-    now = {k: getattr(resolved, k, None) for k in shape_keys}
+    arch = {k: old_cfg.get(k) for k in cls.shape_keys}  # what sizes and shapes the weights
+    resolved, _ = resolve(model, given, load_prepared(prepared).train_seqs)
+    now = {k: getattr(resolved, k, None) for k in cls.shape_keys}
     if arch != now:
         return None, f"from scratch: the architecture changed since champion v{champ['version']}"
     overlap = item_overlap(source, Vocab.load(Path(prepared) / "vocab.json"))
@@ -170,11 +171,6 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
 def champion_metric(champ: dict | None, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[float | None, str]:
     """The champion's (`get_alias_version`) metric on tonight's held-out data (its model evaluated again
     when it knows tonight's users and items; else the metric it was logged with, said so in the note)."""
-    from recsys_pretrain.checkpoint import load_model_dir
-    from recsys_pretrain.index import resolve_model_dir
-    from recsys_pretrain.tracking import run_metrics
-    from recsys_pretrain.train.pretrain import evaluate, load_prepared
-
     if champ is None:
         return None, "no champion"
     model_dir = resolve_model_dir(champ["run_id"], tracking_uri, cache_dir=_model_cache(cfg))
@@ -196,8 +192,6 @@ def promote(name: str, model_uri: str, value: float, champion_value, gates, cfg:
     around it). Registration is idempotent (a retried task finds the version it registered), and the gate
     runs again if the champion moved between its read and the move (a writer outside the lock); a window
     between the last read and the move remains for such writers. Returns (version, gate, note)."""
-    from recsys_pretrain.tracking import get_alias_version, register_model, set_alias
-
     with file_lock(root(cfg) / ".promotion.lock"):
         champ = get_alias_version(name, "champion", tracking_uri)
         champ_value, note = champion_value(champ)
@@ -220,8 +214,6 @@ def promote(name: str, model_uri: str, value: float, champion_value, gates, cfg:
 
 def promote_step(model_name: str, challenger: dict, prepared: str, cfg: RunConfig, tracking_uri: str) -> dict:
     """Register the challenger; move the `champion` alias to it only if it passes the promotion gate."""
-    from recsys_pretrain.tracking import set_run_tags
-
     metric = cfg.flow.gates.metric.split("/", 1)[-1]
     version, gate, note = promote(model_name, challenger["model_uri"], challenger["test"][metric],
                                   lambda champ: champion_metric(champ, prepared, cfg, tracking_uri),
@@ -234,24 +226,17 @@ def promote_step(model_name: str, challenger: dict, prepared: str, cfg: RunConfi
 
 
 def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_id: str | None) -> dict:
-    from dataclasses import replace
-
-    from recsys_pretrain.data.labels import build_labels
-    from recsys_pretrain.tracking import MLflowTracker
-    from recsys_pretrain.train.finetune import finetune, pretrain_before_cutoff
-
     tracker = MLflowTracker(tracking_uri)
     work = root(cfg) / "finetune" / Path(ingested).name
     build_labels(ingested, work / "labels", cfg.finetune.labels)
-    pcfg = replace(cfg.pretrain, model="mf", mf=replace(cfg.pretrain.mf, loss=cfg.finetune.pretrain_mf_loss))
+    mf = dataclasses.replace(cfg.pretrain.mf, loss=cfg.finetune.pretrain_mf_loss)
+    pcfg = dataclasses.replace(cfg.pretrain, model="mf", mf=mf)
     pre = pretrain_before_cutoff(work / "labels", pcfg, work / "pretrain",
                                  tracker=tracker, parent_run_id=parent_run_id)
     res = finetune(work / "labels", pre.model_dir, cfg.finetune, work / "ranker", tracker=tracker,
                    parent_run_id=parent_run_id)
     out = {"run_id": res.run_id, "ranker_dir": str(res.ranker_dir), "test": res.test}
     if res.model_uri:  # registered; `champion` (what `--reranker models:/<prefix>-ranker@champion` loads) if better
-        from recsys_pretrain.tracking import run_metrics
-
         name, metric = f"{cfg.flow.registry_prefix}-ranker", "test/click_auc"
 
         def logged(champ: dict | None) -> tuple[float | None, str]:
@@ -266,12 +251,10 @@ def finetune_step(ingested: str, cfg: RunConfig, tracking_uri: str, parent_run_i
 
 
 def publish_index_step(cfg: RunConfig, tracking_uri: str, parent_run_id: str | None = None) -> dict:
-    """Build the index of the serving champion (bert4rec's if registered, else mf's) and publish it:
-    `serving/current.json` is replaced atomically, so readers switch from one complete index to the next."""
-    from recsys_pretrain.index import build_model_index
-    from recsys_pretrain.tracking import MLflowTracker, get_alias_version
-
-    for model in ("bert4rec", "mf"):
+    """Build the index of the serving champion (of the first model in `flow.serving_order` that has one) and
+    publish it: `serving/current.json` is replaced atomically, so readers switch from one complete index to the
+    next."""
+    for model in cfg.flow.serving_order:
         name = f"{cfg.flow.registry_prefix}-{model}"
         champ = get_alias_version(name, "champion", tracking_uri)
         if champ is not None:
@@ -314,10 +297,6 @@ def summary_markdown(result: dict, tracking_uri: str) -> str:
 def where_things_are(cfg: RunConfig, tracking_uri: str, sample_k: int = 5) -> str:
     """After a run: how to open the MLflow UI on its store, the champions' metrics, and a sample answer
     from the published index (what `make run` prints last)."""
-    from recsys_pretrain.config import ServeConfig
-    from recsys_pretrain.serve import load_recommender
-    from recsys_pretrain.tracking import get_alias_version, run_metrics
-
     lines = ["## Where things are", "",
              f"MLflow UI on this store: `mlflow ui --backend-store-uri {redact_uri(tracking_uri)} --port 5000`, then open "
              "http://127.0.0.1:5000", "", "Champions (registered models, alias `champion`):"]

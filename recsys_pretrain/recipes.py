@@ -2,7 +2,8 @@
 the dataset's statistics, so that a first run on an unseen log starts from a recipe sized for it. Explicit
 settings always win; the rules applied are returned so that every run records them.
 
-The rules (BERT4Rec), each anchored on ML-1M, where the resulting recipe is the one measured there
+Each model's `recipe` (models/base.py) applies its rules; the sequence models share `sequence_recipe`.
+The rules (BERT4Rec, and SASRec without the [MASK] slot), each anchored on ML-1M, where the resulting recipe is the one measured there
 (benchmarks/results/pretrain_ml1m.md):
 - max_len: the 90th percentile of the training history lengths, plus the [MASK] slot, rounded up to a
   multiple of 10, within [20, 200]. Longer windows cost attention for padding only most users need.
@@ -22,15 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
-from recsys_pretrain.config import BERT4RecConfig, MFConfig
-
-# MF by ALS: the settings left unset are chosen on validation from this grid (factors only when mf.dim is
-# unset). implicit's ALS as a peer with this grid is the baseline mf is measured against (benchmarks/suite.py).
-ALS_GRID = {"factors": (64, 128), "regularization": (0.01, 0.1, 1.0), "alpha": (1.0, 10.0)}
-MF_DIM = 64  # the gradient-descent and svd solvers' dimension when mf.dim is unset
 TOKENS_PER_BATCH = 2048
 STEPS_HORIZON = 20_000
 STEPS_PER_EVAL = 1_000
@@ -51,13 +47,17 @@ def _pow2(x: float, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1.0))))))
 
 
-def bert4rec_recipe(cfg: BERT4RecConfig, stats: dict) -> tuple[BERT4RecConfig, dict[str, str]]:
-    """`cfg` with its unset fields filled from `stats` (history_stats); and, per filled field, the rule."""
+def sequence_recipe(cfg: Any, stats: dict, extra_slot: bool) -> tuple[Any, dict[str, str]]:
+    """A sequence model's config (fields dim, max_len, train) with its unset fields filled from `stats`
+    (history_stats); and, per filled field, the rule. `extra_slot`: the input holds one position past the
+    history (BERT4Rec's [MASK])."""
     why: dict[str, str] = {}
     max_len = cfg.max_len
     if max_len is None:
-        max_len = int(min(200, max(20, math.ceil((stats["p90"] + 1) / 10) * 10)))
-        why["max_len"] = f"p90 history {stats['p90']:g} + [MASK], rounded up to 10, in [20, 200] -> {max_len}"
+        slot = 1 if extra_slot else 0
+        max_len = int(min(200, max(20, math.ceil((stats["p90"] + slot) / 10) * 10)))
+        why["max_len"] = (f"p90 history {stats['p90']:g}{' + [MASK]' if extra_slot else ''}, rounded up to 10, "
+                          f"in [20, 200] -> {max_len}")
     dim = cfg.dim
     if dim is None:
         dim = 128 if stats["interactions"] >= DIM_128_FROM else 64
@@ -79,15 +79,3 @@ def bert4rec_recipe(cfg: BERT4RecConfig, stats: dict) -> tuple[BERT4RecConfig, d
         why["train.eval_every"] = f"~{STEPS_PER_EVAL:,} steps at {steps} an epoch -> every {every} epoch(s)"
     train = dataclasses.replace(train, batch_size=batch, epochs=epochs, eval_every=every)
     return dataclasses.replace(cfg, max_len=max_len, dim=dim, train=train), why
-
-
-def resolve(name: str, cfg: BERT4RecConfig | MFConfig, train_seqs: list[np.ndarray]) -> tuple[object, dict[str, str]]:
-    """The model config with every data-derived default filled in, and the rules that filled them."""
-    if name == "bert4rec":
-        return bert4rec_recipe(cfg, history_stats(train_seqs))
-    if name == "mf" and cfg.dim is None:
-        if cfg.loss == "als":
-            dims = ALS_GRID["factors"]
-            return dataclasses.replace(cfg, dim=max(dims)), {"dim": f"chosen on validation among {dims} (als grid)"}
-        return dataclasses.replace(cfg, dim=MF_DIM), {"dim": f"{MF_DIM} ({cfg.loss})"}
-    return cfg, {}

@@ -28,15 +28,16 @@ import scipy.sparse as sp
 import torch
 
 from recsys_pretrain import privacy
+from recsys_pretrain.checkpoint import load_model_dir
 from recsys_pretrain.config import IndexConfig
 from recsys_pretrain.index import (
     IndexMismatchError,
     ItemIndex,
     build_index,
     load_index,
-    resolve_model_dir,
     sha256_array,
 )
+from recsys_pretrain.registry import resolve_model_dir
 from recsys_pretrain.vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,6 @@ class Recommender:
         is built in memory. `categories`: a table with item_id and category_id columns (e.g. the ingested
         events.parquet) enabling the category filter. `user_key`: see `with_user_key`; `user_id_type`: the
         ingest format's id type ("int": a raw id "0042" is user 42, as ingest read it)."""
-        from recsys_pretrain.checkpoint import load_model_dir
-
         model_dir = resolve_model_dir(model, tracking_uri, cache_dir)
         net, meta, vocab = load_model_dir(model_dir)
         items = np.load(model_dir / "item_embeddings.npy")
@@ -260,16 +259,9 @@ class Recommender:
 
     def _encode(self, histories: list[np.ndarray]) -> tuple[np.ndarray, str]:
         """(b, d) query vectors for item-index histories, and how they were made."""
-        if hasattr(self.model, "score_users"):  # MF: no encoder for a new history
-            parts = [np.asarray(self.index.vectors[h - 1], dtype=np.float32) for h in histories]
-            q = np.stack([p.mean(axis=0) for p in parts])  # (b, d)
-            q[:, -1] = 1.0  # the last coordinate meets the item bias, as a trained user vector's does
-            return q, "mean_item_vector"
-        from recsys_pretrain.train.pretrain import query_inputs
-
         with torch.no_grad():
-            q = self.model.user_embeddings(query_inputs(histories, self.model)).numpy()  # (b, d)
-        return np.ascontiguousarray(q, dtype=np.float32), "bert4rec_history"
+            q = self.model.encode(histories).cpu().numpy()  # (b, d)
+        return np.ascontiguousarray(q, dtype=np.float32), self.model.encode_method
 
     def _retrieve(self, queries: np.ndarray, k: int, seen: list[np.ndarray], allowed: np.ndarray | None,
                   ctx: list, method: str, rerank: bool = True) -> list[Answer]:
@@ -419,18 +411,6 @@ class _IdMap:
         return self.ids[np.asarray(index, dtype=np.int64) - self.offset].tolist()
 
 
-def _lookup(vocab: Vocab, kind: str, raw: list) -> np.ndarray:
-    """Indices of raw ids in one Polars call (for bulk lookups), tolerant like _IdMap.index."""
-    ids = vocab.users if kind == "user" else vocab.items
-    out = np.full(len(raw), -1, dtype=np.int64)
-    conv = [_coerce(x, ids.dtype == pl.Int64) for x in raw]
-    ok = [i for i, x in enumerate(conv) if x is not None]
-    if ok:
-        series = pl.Series([conv[i] for i in ok], dtype=ids.dtype)
-        out[ok] = (vocab.user_index if kind == "user" else vocab.item_index)(series, strict=False)
-    return out
-
-
 def load_item_categories(path: str | Path, vocab: Vocab) -> tuple[np.ndarray, list[str]]:
     """(n_items + 1,) category code per item index (-1 = none) and the category names, from a table with
     item_id and category_id columns; an item listed under several categories takes its most frequent."""
@@ -448,7 +428,7 @@ def load_item_categories(path: str | Path, vocab: Vocab) -> tuple[np.ndarray, li
           .unique("item_id", keep="first", maintain_order=True).collect())
     names = sorted(df["category_id"].unique().to_list())
     code = {c: i for i, c in enumerate(names)}
-    idx = _lookup(vocab, "item", df["item_id"].to_list())
+    idx = vocab.item_index(df["item_id"], strict=False)  # -1: not in the vocabulary
     cats = np.full(vocab.n_items + 1, -1, dtype=np.int64)
     keep = idx > 0
     cats[idx[keep]] = np.array([code[c] for c in df["category_id"].to_list()], dtype=np.int64)[keep]

@@ -3,7 +3,10 @@
     GET  /recommend/{user_id}?k=10&category=C   a known user's top-k unseen items; unknown: popular, flagged
     POST /recommend  {"history": [...], "k": 10}  an anonymous session (oldest item first)
     GET  /similar/{item_id}?k=10                 items near an item
-    GET  /health, GET /metadata                  liveness; the model, index, recall and limits served
+    GET  /health                                 liveness: 200 while the process runs; what is served, or
+                                                 what it waits for
+    GET  /ready                                  readiness: 200 once a model is loaded, 503 before
+    GET  /metadata                               the model, index, recall and limits served
     POST /admin/reload                           load the model and index again and swap them in (admin)
     GET  /docs, /openapi.json                    the OpenAPI description
 
@@ -25,6 +28,14 @@ writes `<user>` in their place.
 A new index is swapped in without dropping a request: each request reads the current `Recommender` once
 and uses that object to the end, while a reload builds the replacement beside it and then replaces one
 reference. The old object lives on until its last request returns.
+
+Following what the nightly flow publishes: with `serve.index` a pointer file (`serving/current.json`) the
+service polls it every `serve.reload_poll_s` and swaps in the model + index it names when it is replaced;
+with `serve.model` an alias (`models:/NAME@ALIAS`) and no pointer, it re-resolves the alias on the same poll.
+Before the first publication (no pointer file yet, no such alias yet) it starts anyway, not ready: /health
+(liveness) answers 200 and says what it waits for, /ready answers 503 until a model is loaded, and the
+recommendation routes and /metadata answer 503 with a Retry-After; the first publication is loaded at the
+next poll.
 
 Slow clients: uvicorn times out only idle keep-alive connections, so a client sending its headers a byte at
 a time would hold a connection (and a `limit_concurrency` slot) forever. `_DeadlineH11Protocol` gives the
@@ -48,6 +59,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,41 +80,81 @@ from recsys_pretrain.recommend import Answer, Recommender
 log = logging.getLogger(__name__)
 
 
+class NotReadyError(RuntimeError):
+    """Nothing is loaded yet: the source the service follows has not been published (see `waiting_for`)."""
+
+
+RETRY_MAX_S = 300.0  # a load that failed is tried again after a backoff that doubles up to this
+
+
 class RecommenderHolder:
-    """The served Recommender behind one reference; `reload()` builds a new one and swaps it in."""
+    """The served Recommender behind one reference; `reload()` builds a new one and swaps it in.
+
+    It may start empty (not ready): when `pending()` names something not there yet (the pointer file the
+    nightly flow has not published, an alias nobody has set), nothing is loaded at construction, and the
+    watcher loads it as soon as it appears. `signature()` is the identity of what is followed (a file's
+    inode and mtime, an alias's version): the watcher reloads when it changes."""
 
     def __init__(self, loader: Callable[[], Recommender], watch: str | Path | None = None,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, *,
+                 signature: Callable[[], Any] | None = None, pending: Callable[[], str | None] | None = None):
         self._loader = loader
         self._on_close = on_close  # e.g. remove the download cache; also run when the first load fails
         self._lock = threading.Lock()  # one reload at a time; readers never take it
-        try:
-            self._state = (loader(), 1)  # (recommender, version): swapped as one reference
-        except BaseException:
-            if on_close is not None:
-                on_close()
-            raise
-        self.loaded_at = time.time()
-        self.last_error: str | None = None
         self._watch = Path(watch) if watch is not None else None
-        self._signature = self._sign()
+        self._signature_of = signature
+        self._pending = pending or (lambda: None)
+        self._state: tuple[Recommender | None, int] = (None, 0)  # (recommender, version): swapped as one reference
+        self.loaded_at: float | None = None
+        self.last_error: str | None = None
+        self.waiting_for: str | None = None
+        self._signature: Any = None
+        self._failed: Any = None  # the signature whose load failed last, and when to try it again
+        self._retry_at, self._failures = 0.0, 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        try:
+            self.waiting_for = self._pending()
+        except Exception as exc:  # e.g. the registry is unreachable: wait for it rather than exit
+            self.waiting_for = f"the model source to be reachable ({type(exc).__name__})"
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.waiting_for is None:
+            try:
+                self._signature = self._sign()
+                self._state = (loader(), 1)
+            except BaseException:
+                if on_close is not None:
+                    on_close()
+                raise
+            self.loaded_at = time.time()
 
     @property
-    def current(self) -> Recommender:
+    def current(self) -> Recommender | None:
+        """The served Recommender; None while not ready."""
         return self._state[0]
 
     @property
     def version(self) -> int:
+        """Increments at every swap; 0 while nothing is loaded."""
         return self._state[1]
 
-    def snapshot(self) -> tuple[Recommender, int]:
+    @property
+    def ready(self) -> bool:
+        return self._state[0] is not None
+
+    def snapshot(self) -> tuple[Recommender | None, int]:
         """(recommender, version) read once: a request sees the old pair or the new one, whole."""
         return self._state
 
     def reload(self) -> dict[str, Any]:
+        """Load again and swap in; the old one keeps serving if it fails. NotReadyError while the followed
+        source has not appeared yet."""
         with self._lock:
+            if not self.ready:
+                waiting = self._pending()
+                if waiting is not None:
+                    self.waiting_for = waiting
+                    raise NotReadyError(f"not ready: waiting for {waiting}")
             signature = self._sign()
             try:
                 new = self._loader()  # the slow part, while the old one keeps serving
@@ -111,38 +163,56 @@ class RecommenderHolder:
                 raise
             self._state = (new, self.version + 1)
             self.loaded_at = time.time()
-            self.last_error = None
+            self.last_error = self.waiting_for = None
             self._signature = signature
+            self._failed, self._failures = None, 0
             return {"version": self.version, "loaded_at": self.loaded_at}
 
-    def _sign(self) -> tuple | None:
-        """Identity of the watched file (a pointer file, or an index directory's index.json): a rebuild
-        through atomic_dir / atomic_path replaces it, which changes its inode and mtime."""
-        if self._watch is None:
-            return None
+    def _sign(self) -> Any:
+        return self._signature_of() if self._signature_of is not None else file_signature(self._watch)
+
+    def poll(self, every_s: float = 0.0) -> bool:
+        """One look at the followed source: load it when it first appears or has changed since the last load.
+        A load that fails is not retried on the same signature before a backoff (from `every_s`, doubling up to
+        RETRY_MAX_S): a broken build is not loaded in a loop, a transient failure is retried. True if swapped."""
         try:
-            st = (self._watch if self._watch.suffix == ".json" else self._watch / "index.json").stat()
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+            if not self.ready:
+                self.waiting_for = self._pending()
+                if self.waiting_for is not None:
+                    return False
+            sig = self._sign()
+        except Exception as exc:  # the registry is unreachable for a moment: ask again at the next poll
+            log.warning("could not check %s: %s: %s", self._watch or "the model source", type(exc).__name__, exc)
+            return False
+        if self.ready and (sig is None or sig == self._signature):
+            return False
+        if sig == self._failed and time.monotonic() < self._retry_at:
+            return False
+        try:
+            self.reload()
+        except NotReadyError:
+            return False
+        except Exception:  # keep serving the old one (if any); /health shows the error
+            log.exception("loading %s failed; %s", self._watch or "the model",
+                          f"still serving version {self.version}" if self.ready else "still not ready")
+            self._failures += 1
+            self._failed = sig
+            self._retry_at = time.monotonic() + min(RETRY_MAX_S, max(every_s, 1.0) * 2 ** self._failures)
+            return False
+        log.info("%s loaded: version %d is served", self._watch or "the model", self.version)
+        return True
 
     def watch(self, every_s: float) -> None:
-        """Poll the index directory in a daemon thread and reload when it has been rebuilt."""
-        if self._watch is None or every_s <= 0:
+        """Poll the followed source in a daemon thread (see `poll`)."""
+        followed = self._watch is not None or self._signature_of is not None or not self.ready
+        if every_s <= 0 or not followed:
             return
 
         def loop() -> None:
             while not self._stop.wait(every_s):
-                sig = self._sign()
-                if sig is not None and sig != self._signature:
-                    try:
-                        self.reload()
-                        log.info("index %s reloaded (version %d)", self._watch, self.version)
-                    except Exception:  # keep serving the old index; /health shows the error
-                        log.exception("reloading %s failed", self._watch)
-                        self._signature = sig  # do not retry the same broken build in a loop
+                self.poll(every_s)
 
-        self._thread = threading.Thread(target=loop, name="index-watch", daemon=True)
+        self._thread = threading.Thread(target=loop, name="model-watch", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -159,6 +229,19 @@ class RecommenderHolder:
                 self._lock.release()
         else:
             log.warning("a reload is still running: its download cache is left in place")
+
+
+def file_signature(path: str | Path | None) -> tuple | None:
+    """Identity of a watched file (a pointer file, or an index directory's index.json): a rebuild through
+    atomic_dir / atomic_path replaces it, which changes its inode and mtime. None when absent."""
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        st = (path if path.suffix == ".json" else path / "index.json").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class ItemOut(BaseModel):
@@ -230,7 +313,8 @@ def public_metadata(meta: dict) -> dict:
     model = str(src.get("model") or "")
     out = {**meta, "source": {"model": model if _is_mlflow_ref(model) else REDACTED,
                               "model_dir": REDACTED if src.get("model_dir") else None,
-                              "index": REDACTED if src.get("index") else None}}
+                              "index": REDACTED if src.get("index") else None,
+                              **({"registered": src["registered"]} if src.get("registered") else {})}}
 
     def walk(x: Any) -> Any:
         if isinstance(x, str):
@@ -242,6 +326,16 @@ def public_metadata(meta: dict) -> dict:
         return x
 
     return walk(out)
+
+
+def served_model(rec: Recommender, admin: bool) -> dict:
+    """What /health and /ready say is served: the model, the MLflow run it was trained in, the registered
+    model and version the nightly flow published (with a pointer file), where it was loaded from (a path:
+    admins only)."""
+    registered = rec.source.get("registered") or {}
+    source = str(rec.source.get("model") or "")
+    return {"name": rec.meta.get("model"), "run_id": rec.meta.get("run_id"), "registered": registered.get("model"),
+            "version": registered.get("version"), "source": source if admin or _is_mlflow_ref(source) else REDACTED}
 
 
 def _field(loc: tuple) -> str:
@@ -461,6 +555,7 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
                   description="Candidates from the pretrained model's FAISS index, in raw ids, seen items "
                               "excluded. See recsys_pretrain/serve.py.", version="1")
     ItemId = Annotated[int | str, BeforeValidator(_not_bool)]
+    started_at = time.time()  # with /health's loaded_at: a swap without a restart keeps this one
 
     class HistoryRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -491,14 +586,30 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
     def client_error(status: int, exc: Exception) -> JSONResponse:
         return _error(status, _excerpt_text(redact(str(exc))))
 
+    retry_after = str(max(1, math.ceil(cfg.reload_poll_s or 5)))
+
+    def waiting_for(request: Request) -> str:
+        what = holder.waiting_for or "a model to be loaded (POST /admin/reload)"
+        return what if guard.allows(request) else redact(what)
+
+    def not_ready(request: Request) -> JSONResponse:
+        """503 while nothing is loaded: what it waits for (paths for admins only), and when to ask again."""
+        what = waiting_for(request)
+        return JSONResponse(status_code=503, headers={"Retry-After": retry_after},
+                            content={"error": f"not ready: no model is loaded yet, waiting for {what}; "
+                                              "GET /ready answers 200 once one is", "ready": False,
+                                     "waiting_for": what})
+
     K = Annotated[int, Query(ge=1, le=cfg.max_k, description=f"how many items (1..{cfg.max_k})")]
     Category = Annotated[str | None, Query(max_length=200, description="only items of this category")]
 
     @app.get("/recommend/{user_id}", summary="a user's top-k unseen items", response_model=None,
               responses={200: {"model": AnswerOut}})
-    def recommend_user(user_id: Annotated[str, PathParam(max_length=200)], k: K = cfg.default_k,
+    def recommend_user(request: Request, user_id: Annotated[str, PathParam(max_length=200)], k: K = cfg.default_k,
                        category: Category = None):
         rec, version = holder.snapshot()
+        if rec is None:
+            return not_ready(request)
         try:
             (ans,) = rec.recommend([user_id], k, category=category)
         except ValueError as exc:
@@ -507,8 +618,10 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
 
     @app.post("/recommend", summary="top-k for an anonymous history", response_model=None,
               responses={200: {"model": AnswerOut}})
-    def recommend_history(req: Annotated[HistoryRequest, Body()]):
+    def recommend_history(req: Annotated[HistoryRequest, Body()], request: Request):
         rec, version = holder.snapshot()
+        if rec is None:
+            return not_ready(request)
         try:
             (ans,) = rec.recommend_for_history([req.history], req.k, category=req.category)
         except ValueError as exc:
@@ -517,9 +630,11 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
 
     @app.get("/similar/{item_id}", summary="items similar to an item", response_model=None,
               responses={200: {"model": AnswerOut}})
-    def similar(item_id: Annotated[str, PathParam(max_length=200)], k: K = cfg.default_k,
+    def similar(request: Request, item_id: Annotated[str, PathParam(max_length=200)], k: K = cfg.default_k,
                 category: Category = None):
         rec, version = holder.snapshot()
+        if rec is None:
+            return not_ready(request)
         try:
             (ans,) = rec.similar_items([item_id], k, category=category)
         except ValueError as exc:
@@ -528,21 +643,37 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
             return _error(404, f"item_id: unknown item {_excerpt(item_id)}")
         return _answer(rec, ans, version, item_id=item_id, k=k)
 
-    @app.get("/health", summary="liveness and what is loaded")
+    @app.get("/health", summary="liveness: 200 while the process runs; what is served, or what it waits for")
     def health(request: Request):
-        rec = holder.current
+        rec, version = holder.snapshot()
+        admin = guard.allows(request)
         error = holder.last_error
-        if error is not None and not guard.allows(request):
+        if error is not None and not admin:
             error = f"{error.split(':', 1)[0]} (the details need the admin token)"
-        return {"status": "ok", "items": rec.index.n_items, "users": rec.vocab.n_users,
-                "index": rec.index.meta.get("resolved_factory"), "index_version": holder.version,
-                "loaded_at": holder.loaded_at, "last_reload_error": error}
+        body = {"status": "ok" if rec is not None else "waiting", "ready": rec is not None,
+                "waiting_for": waiting_for(request) if rec is None else None,
+                "model": served_model(rec, admin) if rec is not None else None,
+                "items": rec.index.n_items if rec is not None else None,
+                "users": rec.vocab.n_users if rec is not None else None,
+                "index": rec.index.meta.get("resolved_factory") if rec is not None else None,
+                "index_version": version, "loaded_at": holder.loaded_at, "started_at": started_at,
+                "last_reload_error": error}
+        return body
+
+    @app.get("/ready", summary="readiness: 200 once a model is loaded, 503 (saying what it waits for) before")
+    def ready(request: Request):
+        rec, version = holder.snapshot()
+        if rec is None:
+            return not_ready(request)
+        return {"ready": True, "index_version": version, "model": served_model(rec, guard.allows(request))}
 
     @app.get("/metadata", summary="the model, the index and its measured recall, the limits (paths: admins)")
     def metadata(request: Request):
-        rec = holder.current
+        rec, version = holder.snapshot()
+        if rec is None:
+            return not_ready(request)
         meta = rec.metadata() if guard.allows(request) else public_metadata(rec.metadata())
-        return jsonable_encoder({**meta, "index_version": holder.version, "limits": {
+        return jsonable_encoder({**meta, "index_version": version, "limits": {
             "default_k": cfg.default_k, "max_k": cfg.max_k, "max_history": cfg.max_history,
             "max_body_bytes": cfg.max_body_bytes}})
 
@@ -552,8 +683,11 @@ def create_app(holder: RecommenderHolder, cfg: ServeConfig | None = None) -> Fas
             return refused
         try:
             return holder.reload()
+        except NotReadyError:
+            return not_ready(request)
         except Exception as exc:  # the old index keeps serving
-            return _error(500, f"reload failed, still serving version {holder.version}: {exc}")
+            still = f"still serving version {holder.version}" if holder.ready else "still not ready"
+            return _error(500, f"reload failed, {still}: {exc}")
 
     return app
 
@@ -563,23 +697,47 @@ def _excerpt_text(text: str, limit: int = 300) -> str:
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
+def pointer_file(cfg: ServeConfig) -> str | None:
+    """serve.index when it is a pointer file (`.json`, as the nightly flow publishes), else None."""
+    return cfg.index if cfg.index and cfg.index.endswith(".json") else None
+
+
+# what a pointer file says beside its paths, kept with the Recommender loaded from it (/health shows it)
+PUBLISHED_KEYS = ("model", "version", "run_id", "index_run_id", "recall_at_10")
+
+
+def _sources(cfg: ServeConfig) -> tuple[str, str | None, dict | None]:
+    """(model, index, pointer file contents or None), the pointer read once."""
+    pointer = pointer_file(cfg)
+    if pointer is not None:
+        try:
+            ptr = json.loads(Path(pointer).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"serve.index: cannot read the pointer file {pointer}: {exc}") from None
+        if not isinstance(ptr, dict) or "path" not in ptr:
+            raise ValueError(f"serve.index: pointer file {pointer} has no 'path'")
+        model = ptr.get("run_id") or ptr.get("model") or cfg.model
+        if not model:
+            raise ValueError(f"serve.index: pointer file {pointer} names no model and serve.model is unset")
+        return str(model), str(ptr["path"]), ptr
+    if not cfg.model:
+        raise ValueError("serve.model: no model given (a directory, an MLflow run id or models:/NAME@ALIAS)")
+    return cfg.model, cfg.index, None
+
+
 def sources(cfg: ServeConfig) -> tuple[str, str | None]:
     """(model, index) to load. `serve.index` may be a pointer file (`.json`, as the nightly flow publishes:
     {"model", "run_id", "path"}) naming both; its run id pins the model version the index was built from."""
-    if cfg.index and cfg.index.endswith(".json"):
-        try:
-            ptr = json.loads(Path(cfg.index).read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"serve.index: cannot read the pointer file {cfg.index}: {exc}") from None
-        if "path" not in ptr:
-            raise ValueError(f"serve.index: pointer file {cfg.index} has no 'path'")
-        model = ptr.get("run_id") or ptr.get("model") or cfg.model
-        if not model:
-            raise ValueError(f"serve.index: pointer file {cfg.index} names no model and serve.model is unset")
-        return str(model), str(ptr["path"])
-    if not cfg.model:
-        raise ValueError("serve.model: no model given (a directory, an MLflow run id or models:/NAME@ALIAS)")
-    return cfg.model, cfg.index
+    return _sources(cfg)[:2]
+
+
+def followed_alias(cfg: ServeConfig) -> tuple[str, str] | None:
+    """(name, alias) when serve.model is models:/NAME@ALIAS and no pointer file names the model: the alias
+    the service re-resolves on its poll."""
+    if pointer_file(cfg) is not None or not (cfg.model or "").startswith("models:/"):
+        return None
+    name, sep, alias = cfg.model[len("models:/"):].partition("@")
+    return (name, alias) if sep and name and alias else None
 
 
 def trusted_reranker(uri: str, trusted: tuple[str, ...]) -> tuple[str, str | None, str | None]:
@@ -629,7 +787,7 @@ def load_recommender(cfg: ServeConfig, tracking_uri: str | None = None, *, cache
     the model is in memory). `rerankers` keeps the loaded re-ranker by registered version between calls, so
     a reload downloads and unpickles one only when its alias has moved."""
     user_key = serve_user_key(cfg)  # privacy: never logged; a reload reads it again
-    model, index = sources(cfg)  # read each time: the pointer may have moved
+    model, index, published = _sources(cfg)  # read each time: the pointer may have moved
     cache = cache_dir if cache_dir is not None else cfg.cache_dir
     reranker = None
     if cfg.reranker:
@@ -646,6 +804,8 @@ def load_recommender(cfg: ServeConfig, tracking_uri: str | None = None, *, cache
     if user_key is not None and rec.vocab.n_users and not privacy.looks_pseudonymised(rec.vocab.users):
         raise ValueError("serve.user_key_env / serve.user_key_file: a user key is set, but the model's user ids "
                          "are not pseudonymised (ingested without a key): no raw id would be found")
+    if published is not None:  # the registered version the flow published, shown by /health and /metadata
+        rec.source["registered"] = {k: published.get(k) for k in PUBLISHED_KEYS}
     return rec
 
 
@@ -655,7 +815,7 @@ RERANKER_DIR = "rerankers"  # in the download cache: one directory per loaded re
 def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict | None,
                    cache: str | Path | None = None):
     from recsys_pretrain.recommend import pyfunc_reranker
-    from recsys_pretrain.tracking import get_alias_version, load_pyfunc
+    from recsys_pretrain.registry import get_alias_version, load_pyfunc
 
     name, alias, version = trusted_reranker(cfg.reranker, cfg.trusted_reranker_names)
     if not tracking_uri:
@@ -703,11 +863,16 @@ def _prune_cache(cache: Path, rec: Recommender) -> None:
 
 
 def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> RecommenderHolder:
-    """The Recommender the config names, behind a holder that can reload it (and watch its index).
+    """The Recommender the config names, behind a holder that can reload it and follows its source every
+    serve.reload_poll_s: the pointer file (serve.index `.json`), else the index directory and the model's alias
+    (serve.model `models:/NAME@ALIAS`). A pointer file not yet published, or an alias not yet set, is waited
+    for: the holder starts empty (not ready) and loads it when it appears.
 
     MLflow downloads go to serve.cache_dir, or to one temp directory for the holder's lifetime: a reload of
     the same run finds it there, older runs are pruned after each load, and close() removes it."""
-    sources(cfg)  # a bad configuration fails here, before anything loads
+    pointer = pointer_file(cfg)
+    if pointer is None:
+        sources(cfg)  # a bad configuration fails here, before anything loads
     if cfg.reranker:
         trusted_reranker(cfg.reranker, cfg.trusted_reranker_names)
     admin_token(cfg)
@@ -717,8 +882,22 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
     cache = Path(tempfile.mkdtemp(prefix="recsys-serve-cache-")) if own_cache else Path(cfg.cache_dir)
     rerankers: dict = {}
 
+    alias = followed_alias(cfg)
+
+    def alias_version() -> int | None:
+        from recsys_pretrain.registry import get_alias_version
+
+        found = get_alias_version(alias[0], alias[1], tracking_uri)
+        return None if found is None else int(found["version"])
+
     def load() -> Recommender:
-        rec = load_recommender(cfg, tracking_uri, cache_dir=cache, rerankers=rerankers)
+        version = alias_version() if alias is not None and tracking_uri else None
+        if version is None:
+            rec = load_recommender(cfg, tracking_uri, cache_dir=cache, rerankers=rerankers)
+        else:  # the version the alias names now, loaded as such and shown by /health
+            rec = load_recommender(replace(cfg, model=f"models:/{alias[0]}/{version}"), tracking_uri,
+                                   cache_dir=cache, rerankers=rerankers)
+            rec.source.update(model=cfg.model, registered={"model": cfg.model, "version": version})
         if own_cache:
             _prune_cache(cache, rec)
         return rec
@@ -732,7 +911,25 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
         import faiss
 
         faiss.omp_set_num_threads(cfg.faiss_threads)
-    holder = RecommenderHolder(load, watch=cfg.index, on_close=close)
+    def pending() -> str | None:
+        if pointer is not None:
+            return None if Path(pointer).exists() else (
+                f"the first publication of the pointer file {pointer} (serve.index; the nightly flow writes it)")
+        if alias is not None and tracking_uri and alias_version() is None:
+            return f"registered model {alias[0]!r} to have an alias {alias[1]!r} (models:/{alias[0]}@{alias[1]})"
+        return None
+
+    def signature() -> Any:
+        if alias is not None and tracking_uri:
+            return file_signature(cfg.index), alias_version()
+        return file_signature(cfg.index)
+
+    holder = RecommenderHolder(load, watch=cfg.index, on_close=close, pending=pending,
+                               signature=signature if alias is not None else None)
+    if not holder.ready:
+        log.warning("not ready: waiting for %s (checked every %g s)", holder.waiting_for, cfg.reload_poll_s)
+        if cfg.reload_poll_s <= 0:
+            log.warning("serve.reload_poll_s is 0: nothing is loaded until POST /admin/reload")
     holder.watch(cfg.reload_poll_s)
     return holder
 
@@ -767,8 +964,20 @@ def make_server(app: FastAPI, cfg: ServeConfig):
     return server
 
 
+def _log_to_stderr() -> None:
+    """This module's messages (waiting, swapped, a failed reload) on stderr beside uvicorn's, in a server
+    process that configured no logging of its own."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def serve(cfg: ServeConfig, tracking_uri: str | None = None) -> None:
-    """Load, then serve until interrupted (binds cfg.host, 127.0.0.1 by default)."""
+    """Load (or, before the first publication, wait for it), then serve until interrupted (binds cfg.host,
+    127.0.0.1 by default)."""
+    _log_to_stderr()
     holder = make_holder(cfg, tracking_uri)
     try:
         make_server(create_app(holder, cfg), cfg).run()

@@ -1,8 +1,10 @@
-"""Experiment tracking: the only module of the project that imports mlflow.
+"""Experiment tracking: runs, params, metrics, artifacts, dataset inputs and logged models.
 
 Library code talks to a `Tracker`; `MLflowTracker` writes to an MLflow store (SQLite by default),
-`NullTracker` records in memory for unit tests. Registry helpers at the bottom back the
-champion/challenger promotion gate.
+`NullTracker` records in memory for unit tests. A stage logs a served model through
+`log_pyfunc_model` with the `PythonModel` it chooses (`recsys_pretrain.pyfunc` holds the project's);
+the model registry (versions, aliases, fetching models back) is `recsys_pretrain.registry`. This module
+imports nothing from the project but `io`: tracking never imports a stage.
 
 Layout of the default store: `<data_dir>/mlflow.db` plus `<data_dir>/mlartifacts/<experiment>/...`.
 MLflow's own default would put artifacts in `./mlruns` under the *current directory*, so experiments
@@ -27,9 +29,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
-import pandas as pd
+from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
@@ -46,20 +49,18 @@ __all__ = [
     "MLflowTracker",
     "NullTracker",
     "Tracker",
-    "EmbeddingScorer",
-    "RankerScorer",
-    "download_artifacts",
+    "activate",
+    "already_exists",
+    "does_not_exist",
     "flatten_params",
-    "get_alias_version",
     "git_commit",
-    "load_pyfunc",
+    "mlflow_client",
     "pip_requirements",
+    "quiet",
     "redact_uri",
-    "register_model",
     "resolve_tracking_uri",
     "run_metrics",
     "safe_key",
-    "set_alias",
     "set_run_tags",
 ]
 
@@ -97,8 +98,6 @@ def resolve_tracking_uri(uri: str | None = None, data_dir: str | Path = "data") 
 def redact_uri(uri: str) -> str:
     """A tracking URI without credentials (`https://user:secret@host` -> `https://***@host`), for what is
     written into summaries and artifacts."""
-    from urllib.parse import urlsplit, urlunsplit
-
     if not uri:
         return uri
     parts = urlsplit(uri)
@@ -187,7 +186,8 @@ def _sqlite_artifact_root(uri: str) -> Path | None:
     return Path(db).expanduser().resolve().parent / _ARTIFACT_DIR
 
 
-def _activate(tracking_uri: str) -> None:
+def activate(tracking_uri: str) -> None:
+    """Point MLflow's process-wide tracking and registry URIs at `tracking_uri`."""
     # The fluent API (start_run, pyfunc.log_model/load_model, models:/ resolution) reads process globals;
     # registry set too so an unrelated $MLFLOW_REGISTRY_URI cannot split runs from their models.
     if mlflow.get_tracking_uri() != tracking_uri:
@@ -196,12 +196,23 @@ def _activate(tracking_uri: str) -> None:
         mlflow.set_registry_uri(tracking_uri)
 
 
-def _client(tracking_uri: str) -> MlflowClient:
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """A client whose runs and registered models both live in `tracking_uri`."""
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def _is(exc: MlflowException, code: int) -> bool:
-    return exc.error_code == ErrorCode.Name(code)
+def _is(exc: BaseException, code: int) -> bool:
+    return isinstance(exc, MlflowException) and exc.error_code == ErrorCode.Name(code)
+
+
+def already_exists(exc: BaseException) -> bool:
+    """Whether `exc` is MLflow's RESOURCE_ALREADY_EXISTS (e.g. another process created the model first)."""
+    return _is(exc, RESOURCE_ALREADY_EXISTS)
+
+
+def does_not_exist(exc: BaseException) -> bool:
+    """Whether `exc` is MLflow's RESOURCE_DOES_NOT_EXIST (no such registered model, version or run)."""
+    return _is(exc, RESOURCE_DOES_NOT_EXIST)
 
 
 class _DropCloudpickleNotice(logging.Filter):
@@ -211,7 +222,7 @@ class _DropCloudpickleNotice(logging.Filter):
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence MLflow's advisory warnings (schema hints, deprecations) around one call; errors still raise."""
     pyfunc_log = logging.getLogger("mlflow.pyfunc")
     notice = _DropCloudpickleNotice()
@@ -247,12 +258,10 @@ def _dataset_source(source: str):
     if "://" not in source and Path(source).exists():
         source = str(Path(source).resolve())  # a cwd-relative path means nothing once the run is over
     try:
-        with _quiet():
+        with quiet():
             return resolve_dataset_source(source)
     except MlflowException:
         # Not a path or URI MLflow knows (e.g. "synthetic:seed=7"): keep the text as a code source.
-        from mlflow.data.code_dataset_source import CodeDatasetSource
-
         return CodeDatasetSource({"source": source})
 
 
@@ -284,12 +293,6 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
     def log_model_dir(self, path: str | Path, name: str = "model") -> None: ...
-
-    def log_recommender(self, model_dir: str | Path, name: str = "model",
-                        registered_model_name: str | None = None) -> str: ...
-
-    def log_ranker(self, ranker_dir: str | Path, name: str = "ranker",
-                   registered_model_name: str | None = None) -> str: ...
 
     def log_dict(self, obj: dict, name: str) -> None: ...
 
@@ -328,8 +331,8 @@ class MLflowTracker:
         self.tracking_uri = tracking_uri
         root = Path(artifact_root).expanduser().resolve() if artifact_root else None
         self.artifact_root = root or _sqlite_artifact_root(tracking_uri)
-        _activate(tracking_uri)
-        self.client = _client(tracking_uri)
+        activate(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self._local = threading.local()  # run stack per thread, mirroring MLflow's own active-run stack
         self._experiments: dict[str, str] = {}
         self._commit = git_commit()  # tagged on every run; one subprocess per tracker, not per stage
@@ -362,7 +365,7 @@ class MLflowTracker:
             try:
                 exp_id = self.client.create_experiment(experiment, artifact_location=location)
             except MlflowException as exc:  # another process created it first
-                if not _is(exc, RESOURCE_ALREADY_EXISTS):
+                if not already_exists(exc):
                     raise
                 exp_id = self.client.get_experiment_by_name(experiment).experiment_id
         else:
@@ -385,7 +388,7 @@ class MLflowTracker:
 
         The run ends FINISHED, or FAILED when the block raises.
         """
-        _activate(self.tracking_uri)
+        activate(self.tracking_uri)
         exp_id = self.experiment_id(experiment)
         self.end_orphaned_runs(exp_id)
         run_tags = {safe_key(k): _stringify(v) for k, v in (tags or {}).items()}
@@ -462,22 +465,11 @@ class MLflowTracker:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_model_dir(self, path: str | Path, name: str = "model") -> None:
-        """Every file of a saved model directory, as artifacts under `name/` (fetch: `download_artifacts`)."""
+        """Every file of a saved model directory, as artifacts under `name/` (fetched back by
+        `registry.download_artifacts`)."""
         if not Path(path).is_dir():
             raise NotADirectoryError(path)
         self.log_artifact(path, artifact_path=name)
-
-    def log_recommender(self, model_dir: str | Path, name: str = "model",
-                        registered_model_name: str | None = None) -> str:
-        """Log a model directory as a pyfunc `EmbeddingScorer`; returns its `models:/` uri."""
-        return self.log_pyfunc_model(EmbeddingScorer(), name, {"model_dir": str(model_dir)},
-                                     scorer_input_example(model_dir), registered_model_name)
-
-    def log_ranker(self, ranker_dir: str | Path, name: str = "ranker",
-                   registered_model_name: str | None = None) -> str:
-        """Log a fine-tuned ranker directory as a pyfunc `RankerScorer`; returns its `models:/` uri."""
-        return self.log_pyfunc_model(RankerScorer(), name, {"ranker_dir": str(ranker_dir)},
-                                     scorer_input_example(ranker_dir), registered_model_name)
 
     def log_dict(self, obj: dict, name: str) -> None:
         """JSON artifact `name` (`.json` added when missing); non-JSON values (paths, numpy) via str()."""
@@ -517,12 +509,12 @@ class MLflowTracker:
         `input_example` also infers the signature (MLflow runs `predict` on it while logging).
         """
         run_id = self._require_run()
-        _activate(self.tracking_uri)
+        activate(self.tracking_uri)
         active = mlflow.active_run()
         if active is None or active.info.run_id != run_id:
             # pyfunc.log_model attaches to the fluent active run of this thread only.
             raise RuntimeError("log_pyfunc_model must be called in the thread that started the run")
-        with _quiet():
+        with quiet():
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=python_model,
@@ -532,73 +524,6 @@ class MLflowTracker:
                 registered_model_name=registered_model_name,
             )
         return info.model_uri
-
-
-# --------------------------------------------------------------------------------------------------
-# the logged model: a model directory served as a pyfunc
-
-
-class EmbeddingScorer(mlflow.pyfunc.PythonModel):
-    """Scores `(user_id, item_id)` pairs given in raw ids with a model directory's embeddings.
-
-    The dot product of a user's and an item's vector is the model's own score (see the models'
-    `item_embeddings` / `user_embeddings` contract), so this is exactly what the trained model ranks by.
-    Unknown ids score NaN.
-    """
-
-    def load_context(self, context) -> None:
-        import numpy as np
-
-        from recsys_pretrain.vocab import Vocab
-
-        path = Path(context.artifacts["model_dir"])
-        self.users = np.load(path / "user_embeddings.npy")
-        self.items = np.load(path / "item_embeddings.npy")
-        self.vocab = Vocab.load(path / "vocab.json")
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
-        import numpy as np
-
-        u = self.vocab.user_index(list(model_input["user_id"]), strict=False)
-        i = self.vocab.item_index(list(model_input["item_id"]), strict=False)
-        known = (u >= 0) & (i >= 1)
-        scores = np.full(len(model_input), np.nan, dtype=np.float64)
-        scores[known] = np.einsum("nd,nd->n", self.users[u[known]], self.items[i[known] - 1])
-        return scores
-
-
-class RankerScorer(mlflow.pyfunc.PythonModel):
-    """The fine-tuned ranker: `(user_id, item_id)` raw-id pairs -> columns p_ctr, p_cvr, p_ctcvr.
-    Unknown ids score NaN. This is what re-ranks candidates from the index."""
-
-    def load_context(self, context) -> None:
-        from recsys_pretrain.train.finetune import load_ranker
-
-        self.model, self.feats, self.vocab = load_ranker(context.artifacts["ranker_dir"])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        import numpy as np
-
-        from recsys_pretrain.train.finetune import score_pairs
-
-        u = self.vocab.user_index(list(model_input["user_id"]), strict=False)
-        i = self.vocab.item_index(list(model_input["item_id"]), strict=False)
-        known = (u >= 0) & (i >= 1)
-        out = {k: np.full(len(model_input), np.nan) for k in ("p_ctr", "p_cvr", "p_ctcvr")}
-        if known.any():
-            p = score_pairs(self.model, self.feats, u[known], i[known])
-            for k in ("ctr", "cvr", "ctcvr"):
-                out[f"p_{k}"][known] = p[k]
-        return pd.DataFrame(out)
-
-
-def scorer_input_example(model_dir: str | Path, n: int = 3):
-    """A few (user_id, item_id) raw-id pairs from the model's vocab, for the signature."""
-    from recsys_pretrain.vocab import Vocab
-
-    vocab = Vocab.load(Path(model_dir) / "vocab.json")
-    k = min(n, vocab.n_users, vocab.n_items)
-    return pd.DataFrame({"user_id": vocab.users.head(k).to_list(), "item_id": vocab.items.head(k).to_list()})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -685,20 +610,6 @@ class NullTracker:
             raise NotADirectoryError(path)
         self.log_artifact(path, artifact_path=name)
 
-    def log_recommender(self, model_dir: str | Path, name: str = "model",
-                        registered_model_name: str | None = None) -> str:
-        if not (Path(model_dir) / "item_embeddings.npy").exists():
-            raise FileNotFoundError(f"{model_dir}: not a model directory")
-        return self.log_pyfunc_model(EmbeddingScorer(), name, {"model_dir": str(model_dir)}, None,
-                                     registered_model_name)
-
-    def log_ranker(self, ranker_dir: str | Path, name: str = "ranker",
-                   registered_model_name: str | None = None) -> str:
-        if not (Path(ranker_dir) / "ranker.json").exists():
-            raise FileNotFoundError(f"{ranker_dir}: not a ranker directory")
-        return self.log_pyfunc_model(RankerScorer(), name, {"ranker_dir": str(ranker_dir)}, None,
-                                     registered_model_name)
-
     def log_dict(self, obj: dict, name: str) -> None:
         name = _json_name(name)
         self.dicts[name] = obj
@@ -736,97 +647,16 @@ class NullTracker:
 
 
 # --------------------------------------------------------------------------------------------------
-# registry (champion/challenger gate)
-
-
-def register_model(model_uri: str, name: str, tracking_uri: str, reuse: bool = False) -> int:
-    """New version of registered model `name` (created when missing) from `model_uri`; returns the version.
-    `reuse`: a model URI already registered under `name` returns that version (a retried task registers once)."""
-    _activate(tracking_uri)  # MLflow resolves a models:/ source through the process-wide store
-    client = _client(tracking_uri)
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if not _is(exc, RESOURCE_ALREADY_EXISTS):
-            raise
-    same = [v for v in client.search_model_versions(f"name = '{name}'") if v.source == model_uri] if reuse else []
-    if same:
-        return min(int(v.version) for v in same)
-    run_id = model_id = None
-    if model_uri.startswith("models:/"):
-        rest = model_uri[len("models:/") :]
-        if rest and "/" not in rest and "@" not in rest:  # models:/<model_id>, as log_model returns
-            model_id = rest
-            run_id = client.get_logged_model(model_id).source_run_id
-    elif model_uri.startswith("runs:/"):
-        run_id = model_uri[len("runs:/") :].split("/", 1)[0]
-    version = client.create_model_version(name=name, source=model_uri, run_id=run_id, model_id=model_id)
-    return int(version.version)
-
-
-def set_alias(name: str, alias: str, version: int, tracking_uri: str) -> None:
-    """Point `name@alias` at `version` (moves the alias if it was elsewhere)."""
-    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
-
-
-def get_alias_version(name: str, alias: str, tracking_uri: str) -> dict | None:
-    """{"version", "run_id", "source"} behind `name@alias`; None when the model or the alias is absent."""
-    client = _client(tracking_uri)
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as exc:
-        if _is(exc, RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise
-    # Read the alias map instead of get_model_version_by_alias: a missing alias there is an
-    # INVALID_PARAMETER_VALUE error, indistinguishable from a malformed request.
-    version = (model.aliases or {}).get(alias)
-    if version is None:
-        return None
-    mv = client.get_model_version(name, str(version))
-    return {"version": int(mv.version), "run_id": mv.run_id, "source": mv.source}
-
-
-def load_pyfunc(model_uri: str, tracking_uri: str, dst_path: str | Path | None = None):
-    """`mlflow.pyfunc.load_model` against `tracking_uri` (models:/name@alias, models:/<id>, runs:/...).
-    The model is downloaded into `dst_path` (created if missing; the caller removes it when done), else
-    into a fresh temp directory that MLflow never removes."""
-    _activate(tracking_uri)  # models:/ resolution only reads the global registry URI
-    if dst_path is not None:
-        Path(dst_path).mkdir(parents=True, exist_ok=True)
-    with _quiet():
-        return mlflow.pyfunc.load_model(model_uri, dst_path=None if dst_path is None else str(dst_path))
-
-
-def download_artifacts(
-    run_id: str, artifact_path: str, tracking_uri: str, dst_path: str | Path | None = None
-) -> Path:
-    """Local copy of a run's artifact file or directory (into a fresh temp dir unless `dst_path`)."""
-    if dst_path is not None:
-        Path(dst_path).mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=run_id,
-        artifact_path=artifact_path,
-        dst_path=None if dst_path is None else str(dst_path),
-        tracking_uri=tracking_uri,
-    )
-    return Path(local)
+# finished runs, by id
 
 
 def set_run_tags(run_id: str, tags: dict, tracking_uri: str) -> None:
     """Tag a finished (or running) run by id, e.g. with the Prefect flow-run id or a promotion decision."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for k, v in tags.items():
         client.set_tag(run_id, safe_key(k), _truncate(_stringify(v), 5000))
 
 
-def champion_trained_at(run_id: str, tracking_uri: str):
-    """When the run started (an aware UTC datetime): what a model trained in it may have learnt from."""
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(_client(tracking_uri).get_run(run_id).info.start_time / 1000, tz=UTC)
-
-
 def run_metrics(run_id: str, tracking_uri: str) -> dict[str, float]:
     """Latest value of each metric of a run."""
-    return dict(_client(tracking_uri).get_run(run_id).data.metrics)
+    return dict(mlflow_client(tracking_uri).get_run(run_id).data.metrics)

@@ -39,34 +39,12 @@ import yaml
 
 from recsys_pretrain.config import ConfigError, PretrainConfig, RunConfig, TuneConfig, from_dict
 from recsys_pretrain.io import OutputError, check_output, file_lock, write_json, write_text
+from recsys_pretrain.models import MODELS, model_class
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val_ndcg_at_10"  # the history row's key the trials are pruned and chosen on
 TRIALS_MARKER = ".recsys-tune"  # in trials/: this directory is tune's, and the next tune may replace it
-
-# Default spaces, by model (mf by its loss: the closed-form svd solver has no training settings). Keys are
-# dotted paths of the pretrain section. Not measured yet as spaces: benchmarks/tune.py compares a tuned
-# model against the defaults at the same minutes.
-DEFAULT_SPACES: dict[str, dict[str, dict[str, Any]]] = {
-    "bert4rec": {
-        "bert4rec.train.lr": {"type": "float", "low": 3e-4, "high": 1e-2, "log": True},
-        "bert4rec.dim": {"type": "categorical", "choices": [64, 128, 256]},
-        "bert4rec.max_len": {"type": "categorical", "choices": [50, 100, 200]},
-        "bert4rec.mask_prob": {"type": "float", "low": 0.1, "high": 0.5},
-        "bert4rec.dropout": {"type": "float", "low": 0.0, "high": 0.3},
-        "bert4rec.train.batch_size": {"type": "categorical", "choices": [16, 32, 64, 128]},
-    },
-    "mf": {  # softmax and bpr: trained by AdamW
-        "mf.dim": {"type": "categorical", "choices": [32, 64, 128, 256]},
-        "mf.train.lr": {"type": "float", "low": 1e-3, "high": 5e-2, "log": True},
-        "mf.train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},
-        "mf.train.batch_size": {"type": "categorical", "choices": [64, 128, 256, 512]},
-    },
-    "mf.svd": {
-        "mf.dim": {"type": "categorical", "choices": [16, 32, 64, 128, 256, 512]},
-    },
-}
 
 _SPEC_KEYS = {
     "categorical": {"type", "choices"},
@@ -77,9 +55,9 @@ _SPEC_KEYS = {
 
 # ---- the search space ----------------------------------------------------------------------------------
 def default_space(base: PretrainConfig, model: str) -> dict[str, dict[str, Any]]:
-    if model == "mf" and base.mf.loss == "svd":
-        return DEFAULT_SPACES["mf.svd"]
-    return DEFAULT_SPACES[model]
+    """The model's own default space (its `search_space`), keyed under its config section."""
+    space = model_class(model).search_space(base.model_config(model))
+    return {f"{model}.{k}": v for k, v in space.items()}
 
 
 def _flat_space(space: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
@@ -210,8 +188,8 @@ def suggest(trial: optuna.Trial, key: str, spec: dict[str, Any]) -> Any:
 
 def check_tune_config(cfg: TuneConfig) -> float:
     """Raise ConfigError on an unusable TuneConfig; return the per-trial cap in minutes."""
-    if cfg.model not in ("mf", "bert4rec"):
-        raise ConfigError(f"tune.model: {cfg.model!r}; use mf or bert4rec")
+    if cfg.model not in MODELS:
+        raise ConfigError(f"tune.model: {cfg.model!r}; known: {sorted(MODELS)}")
     if not cfg.minutes > 0:
         raise ConfigError(f"tune.minutes must be positive, got {cfg.minutes}")
     cap = cfg.trial_max_minutes if cfg.trial_max_minutes is not None else cfg.minutes / 4
@@ -276,8 +254,8 @@ class TrialTracker:
     def log_model_dir(self, path: str | Path, name: str = "model") -> None:
         return None
 
-    def log_recommender(self, model_dir: str | Path, name: str = "model",
-                        registered_model_name: str | None = None) -> None:
+    def log_pyfunc_model(self, python_model, name: str, artifacts: dict[str, str], input_example,
+                         registered_model_name: str | None = None) -> None:
         return None
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -404,8 +382,10 @@ def tune(prepared: str | Path, cfg: RunConfig, out_dir: str | Path, tracker=None
     """Search `cfg.tune.space` for `cfg.tune.model` on a prepared dataset, each trial `pretrain` with
     `cfg.pretrain` as the base config; write `out_dir/{best.yaml,tune.json,trials.csv}` and keep the best
     trial's model in `out_dir/trials/<n>/model`. Tracking as the module docstring says."""
+    from recsys_pretrain.data.prepared import load_prepared
+    from recsys_pretrain.pyfunc import log_recommender
     from recsys_pretrain.tracking import NullTracker
-    from recsys_pretrain.train.pretrain import load_prepared, pretrain
+    from recsys_pretrain.train.pretrain import pretrain
 
     t_start = time.perf_counter()
     tracker = tracker or NullTracker()
@@ -549,7 +529,7 @@ def tune(prepared: str | Path, cfg: RunConfig, out_dir: str | Path, tracker=None
 
             plt.close(fig)
             tracker.log_model_dir(best["model_dir"], name="model_dir")  # what `evaluate RUN_ID` fetches
-            tracker.log_recommender(best["model_dir"], name="model")
+            log_recommender(tracker, best["model_dir"], name="model")
 
     result = TuneResult(parent_run_id=parent_id, best_trial=best["number"], best_value=best["value"],
                         best_params=best_params, best_run_id=best["run_id"], best_yaml=best_yaml,

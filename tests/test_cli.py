@@ -11,16 +11,19 @@ def test_run_on_tiny_config_end_to_end(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "Ingest report" in out and "rows read" in out
-    root = tmp_path / "tiny"
-    report = json.loads((root / "ingested" / "report.json").read_text())
+    root = tmp_path / "tiny"  # the flow's paths: ingested/<content hash>, prepared/<same>
+    (ingested,) = (p for p in (root / "ingested").iterdir() if not p.name.startswith("."))
+    (prepared,) = (p for p in (root / "prepared").iterdir() if not p.name.startswith("."))
+    assert f"ingested: {ingested}" in out and f"prepared: {prepared}" in out and prepared.name == ingested.name
+    report = json.loads((ingested / "report.json").read_text())
     assert report["rows_read"] == report["rows_accepted"] + report["rows_quarantined"] + report["rows_duplicate"]
     assert report["users"] == 200 and report["rows_read"] > 200 * 20
-    meta = json.loads((root / "prepared" / "meta.json").read_text())
+    meta = json.loads((prepared / "meta.json").read_text())
     assert meta["loo"]["users_with_test"] > 150 and meta["temporal"]["available"]
     # one row per user with at least one interaction (a user who only saw impressions has none)
-    seq = pl.read_parquet(root / "prepared" / "sequences.parquet")
-    assert pl.read_parquet(root / "prepared" / "loo.parquet").height == seq.height
-    assert 150 < seq.height <= meta["n_users"]
+    assert 150 < pl.read_parquet(prepared / "loo.parquet").height <= meta["n_users"]
+    assert sorted(p.name for p in prepared.iterdir() if not p.name.startswith(".")) == [
+        "loo.parquet", "meta.json", "train_matrix.npz", "vocab.json"]
 
 
 def test_ingest_cli_with_overrides_and_bad_file(write, tmp_path, capsys):

@@ -13,7 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from recsys_pretrain import nightly as N
 from recsys_pretrain.config import load_config
-from recsys_pretrain.tracking import MLflowTracker, get_alias_version, redact_uri
+from recsys_pretrain.registry import get_alias_version
+from recsys_pretrain.tracking import MLflowTracker, redact_uri
 from recsys_pretrain.train.pretrain import pretrain
 
 

@@ -1,6 +1,7 @@
 import pytest
 
-from recsys_pretrain.config import ConfigError, MFConfig, TrainConfig, flatten, load_config, to_dict
+from recsys_pretrain.config import ConfigError, TrainConfig, load_config, to_dict
+from recsys_pretrain.models.mf import MFConfig
 
 ROOT_CONFIGS = ["configs/default.yaml", "configs/tiny.yaml"]
 
@@ -33,7 +34,9 @@ def test_unknown_keys_and_bad_types_fail_loudly(tmp_path):
 
 
 def test_flatten_for_tracking():
-    flat = flatten(to_dict(load_config(None)))
+    from recsys_pretrain.tracking import flatten_params
+
+    flat = flatten_params(to_dict(load_config(None)))
     assert flat["ingest.format"] == "generic" and "prepare.event_weights.purchase" in flat
 
 

@@ -106,8 +106,7 @@ def test_services_are_wired_and_health_checked():
             assert dep in services, f"{name} depends on unknown {dep}"
         for vol in svc.get("volumes", []):
             assert vol.split(":")[0] in spec["volumes"], f"{name}: undeclared volume {vol}"
-        if name != "prefect-worker":
-            assert "healthcheck" in svc, f"{name} has no health check"
+        assert "healthcheck" in svc, f"{name} has no health check"
     assert LONG_RUNNING <= set(services)
     assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
     for name in LONG_RUNNING:
@@ -239,3 +238,62 @@ def test_the_service_does_not_log_in_to_mlflow_as_the_admin():
     assert re.search(r"read-only MLflow user must be created", text)
     env = _services()["serve"]["environment"]
     assert "MLFLOW_SERVE_USERNAME:?" in env["MLFLOW_TRACKING_USERNAME"]  # compose refuses to start without it
+
+
+def _health_url(svc: dict) -> str:
+    """The URL a health check's `python -c "...urlopen('URL'...)"` opens."""
+    test = svc["healthcheck"]["test"]
+    match = re.search(r"urlopen\('([^']+)'", " ".join(test) if isinstance(test, list) else test)
+    assert match, test
+    return match.group(1)
+
+
+def _seconds(value: str) -> float:
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", value))
+
+
+def test_the_service_follows_what_the_flow_publishes_and_its_health_check_is_readiness():
+    """serve: follows the pointer file the worker's flow writes (same path on the shared volume), restarts
+    unless stopped, health-checked on the readiness route with a start period; /health is liveness."""
+    from recsys_pretrain.config import load_config
+
+    services = _services()
+    serve, worker = services["serve"], services["prefect-worker"]
+    (argv,) = _commands(serve["command"])
+    assert "--model" not in argv, "the service follows the pointer file, not an alias resolved once at start"
+    pointer = argv[argv.index("--index") + 1]
+    # where the deployment's flow publishes: prefect.yaml's config, run in its pull step's working directory
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (workdir,) = [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in spec["pull"]]
+    (dep,) = spec["deployments"]
+    cfg = load_config(str(ROOT / dep["parameters"]["config"]))
+    assert pointer == f"{workdir}/{cfg.data_dir}/{cfg.name}/serving/current.json"
+    # one volume, mounted where both see the same absolute paths (the pointer names the index directory)
+    mount = f"{workdir}/{cfg.data_dir}"
+    assert f"data:{mount}" in worker["volumes"] and f"data:{mount}:ro" in serve["volumes"]
+    for name in ("serve", "prefect-worker"):
+        assert services[name]["restart"] == "unless-stopped", name
+    # readiness, not liveness, with time to load a published model at start
+    check = serve["healthcheck"]
+    assert _health_url(serve) == "http://localhost:8000/ready"
+    assert _seconds(check["start_period"]) >= 60 and _seconds(check["timeout"]) >= 5
+    # the worker's health server is on, where its health check looks
+    wargv = _commands(worker["command"])[-1]
+    assert wargv[:3] == ["prefect", "worker", "start"] and "--with-healthcheck" in wargv
+    port = worker["environment"]["PREFECT_WORKER_WEBSERVER_PORT"]
+    assert _health_url(worker) == f"http://{worker['environment']['PREFECT_WORKER_WEBSERVER_HOST']}:{port}/health"
+    assert _seconds(worker["healthcheck"]["start_period"]) >= 60
+    # `prefect deploy` in a container has no one to answer its prompts
+    assert any(a[:2] == ["prefect", "deploy"] and "--no-prompt" in a for a in _commands(worker["command"]))
+
+
+def test_the_service_routes_the_checks_use_exist():
+    from recsys_pretrain.config import ServeConfig
+    from recsys_pretrain.serve import create_app, make_holder
+
+    holder = make_holder(ServeConfig(index="/nonexistent/serving/current.json", reload_poll_s=0))
+    try:
+        paths = {r.path for r in create_app(holder, ServeConfig()).routes}
+    finally:
+        holder.close()
+    assert {"/health", "/ready"} <= paths

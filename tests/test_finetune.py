@@ -10,14 +10,10 @@ from recsys_pretrain import schema as S
 from recsys_pretrain.config import IngestConfig, LabelConfig, load_config
 from recsys_pretrain.data.ingest import ingest
 from recsys_pretrain.data.labels import build_labels
-from recsys_pretrain.tracking import MLflowTracker, NullTracker, load_pyfunc
-from recsys_pretrain.train.finetune import (
-    check_pretrained_before_labels,
-    finetune,
-    load_ranker,
-    pretrain_before_cutoff,
-    score_pairs,
-)
+from recsys_pretrain.ranker import load_ranker, score_pairs
+from recsys_pretrain.registry import load_pyfunc
+from recsys_pretrain.tracking import MLflowTracker, NullTracker
+from recsys_pretrain.train.finetune import check_pretrained_before_labels, finetune, pretrain_before_cutoff
 
 HEADER = "user_id,item_id,timestamp,event_type,session_id,category_id\n"
 

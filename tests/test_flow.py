@@ -14,7 +14,7 @@ from flows.nightly import nightly
 from recsys_pretrain import cli
 from recsys_pretrain import nightly as N
 from recsys_pretrain.config import load_config
-from recsys_pretrain.tracking import get_alias_version
+from recsys_pretrain.registry import get_alias_version
 from tests.conftest import ROOT
 
 TINY = str(ROOT / "configs" / "tiny.yaml")

@@ -17,8 +17,8 @@ from recsys_pretrain.index import (
     load_index,
     recall_at,
     resolve_factory,
-    resolve_model_dir,
 )
+from recsys_pretrain.registry import resolve_model_dir
 from recsys_pretrain.tracking import NullTracker
 from recsys_pretrain.train.pretrain import pretrain
 from recsys_pretrain.vocab import Vocab
@@ -177,7 +177,8 @@ def test_config_errors_name_the_field():
 
 
 def test_model_sources_by_run_id_and_alias(mf_dir, tmp_path, mlflow_uri):
-    from recsys_pretrain.tracking import MLflowTracker, register_model, set_alias
+    from recsys_pretrain.registry import register_model, set_alias
+    from recsys_pretrain.tracking import MLflowTracker
 
     tracker = MLflowTracker(mlflow_uri)
     # the model directory, logged as a real run's artifact (as pretraining does) and registered under an alias

@@ -8,25 +8,21 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recsys_pretrain.config import BERT4RecConfig, MFConfig, TrainConfig
+from recsys_pretrain.config import TrainConfig
+from recsys_pretrain.data.prepared import PreparedData, history_matrix
+from recsys_pretrain.evaluation import evaluate
 from recsys_pretrain.masking import mask_items
-from recsys_pretrain.models import MODELS, BERT4Rec
+from recsys_pretrain.models import MODELS, RecModel
+from recsys_pretrain.models.bert4rec import BERT4Rec, BERT4RecConfig, MaskedItemTask
+from recsys_pretrain.models.mf import MFConfig, SoftmaxTask
 from recsys_pretrain.train.loop import fit
-from recsys_pretrain.train.pretrain import (
-    MFSoftmaxTask,
-    PreparedData,
-    SequenceTask,
-    evaluate,
-    history_matrix,
-    query_inputs,
-)
 from recsys_pretrain.vocab import Vocab
 
 TINY_B4R = BERT4RecConfig(dim=32, n_layers=1, n_heads=2, max_len=12, dropout=0.0, mask_prob=0.3)
 
 
 def test_registry_is_explicit():
-    assert set(MODELS) == {"mf", "bert4rec"}
+    assert {"mf", "bert4rec"} <= set(MODELS) and all(issubclass(cls, RecModel) for cls in MODELS.values())
 
 
 @pytest.mark.parametrize("name", ["mf", "bert4rec"])
@@ -57,13 +53,13 @@ def test_embedding_dot_products_are_the_model_scores():
     torch.manual_seed(0)
     mf = MODELS["mf"](5, 9, MFConfig(dim=4))
     users = torch.arange(5)
-    torch.testing.assert_close(mf.user_embeddings(users) @ mf.item_embeddings().T, mf.score_users(users))
+    torch.testing.assert_close(mf.user_embeddings(users.numpy(), []) @ mf.item_embeddings().T, mf.score_users(users))
     b4r = BERT4Rec(9, TINY_B4R).eval()
     hist = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7, 8])]
-    x = query_inputs(hist, b4r)
+    x = b4r.query_inputs(hist)
     assert x[:, -1].tolist() == [10, 10, 10] and x[0, -4:-1].tolist() == [1, 2, 3]
     with torch.no_grad():
-        torch.testing.assert_close(b4r.user_embeddings(x) @ b4r.item_embeddings().T, b4r(x)[0])
+        torch.testing.assert_close(b4r.encode(hist) @ b4r.item_embeddings().T, b4r(x)[0])
 
 
 def test_sampled_softmax_trains_and_excludes_the_true_item_from_negatives():
@@ -102,7 +98,7 @@ def test_bert4rec_learns_a_known_sequence_rule():
                        progress=False)
     model = BERT4Rec(data.n_items, cfg)
     before = evaluate(model, data, "test")["mrr_at_10"]
-    fit(model, SequenceTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg,
+    fit(model, MaskedItemTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg,
         lambda m: evaluate(m, data, "valid"))
     after = evaluate(model, data, "test")
     # the next item in the cycle is the only right answer among 21 unseen items
@@ -135,7 +131,7 @@ def test_mf_ranks_the_held_out_item_of_the_users_block_first(loss):
     else:
         tcfg = TrainConfig(epochs=60, batch_size=8, lr=3e-2, weight_decay=0.0, warmup_steps=0, patience=100,
                            eval_every=20, progress=False)
-        fit(model, MFSoftmaxTask(m, tcfg.batch_size), tcfg, lambda mm: evaluate(mm, data, "valid"))
+        fit(model, SoftmaxTask(m, tcfg.batch_size), tcfg, lambda mm: evaluate(mm, data, "valid"))
     res = evaluate(model, data, "valid")
     assert res["hr_at_10"] == 1.0 and res["mrr_at_10"] == 1.0  # rank 1 for every user
 
@@ -149,7 +145,7 @@ def test_mf_svd_is_the_best_rank_k_approximation():
     u, s, vt = np.linalg.svd(x[:, 1:])
     best = (u[:, :4] * s[:4]) @ vt[:4]  # Eckart-Young: the best rank-4 approximation
     with torch.no_grad():
-        got = model.user_embeddings(torch.arange(12)) @ model.item_embeddings().T
+        got = model.user_embeddings(np.arange(12), []) @ model.item_embeddings().T
     np.testing.assert_allclose(got.numpy(), best, atol=1e-5)  # the item bias only breaks ties (<= 1e-6)
     pop = x[:, 1:].sum(0)
     np.testing.assert_allclose(model.item_bias[1:].detach().numpy(), 1e-6 * pop / pop.max(), rtol=1e-5)
@@ -174,7 +170,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
             if kill_after is not None and epoch == kill_after:
                 raise KeyboardInterrupt  # the process dies right after the epoch's checkpoint
 
-        fit(model, SequenceTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg,
+        fit(model, MaskedItemTask(data.train_seqs, cfg, data.n_items, tcfg.batch_size), tcfg,
             lambda m: evaluate(m, data, "valid"), checkpoint_dir=ckpt, on_epoch=on_epoch)
         return model
 
@@ -192,7 +188,7 @@ def test_budget_stops_training(tmp_path):
     data = _chain_data(n_users=30)
     tcfg = TrainConfig(epochs=1000, batch_size=8, max_minutes=0.02, patience=1000, progress=False)
     model = BERT4Rec(data.n_items, TINY_B4R)
-    res = fit(model, SequenceTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
+    res = fit(model, MaskedItemTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
               lambda m: evaluate(m, data, "valid"))
     assert res.stopped == "budget" and res.epochs_run < 1000 and res.best_metrics
 
@@ -204,7 +200,7 @@ def test_budget_horizon_decays_the_learning_rate_within_the_budget():
         tcfg = TrainConfig(epochs=100_000, batch_size=8, lr=1e-2, warmup_steps=0, max_minutes=0.05, patience=10**6,
                            eval_every=2, budget_horizon=horizon, progress=False)
         torch.manual_seed(0)
-        res = fit(BERT4Rec(data.n_items, TINY_B4R), SequenceTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
+        res = fit(BERT4Rec(data.n_items, TINY_B4R), MaskedItemTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
                   lambda m: evaluate(m, data, "valid"))
         assert res.stopped == "budget" and res.epochs_run >= 3
         lrs[horizon] = res.history[-1]["lr"]
@@ -231,7 +227,7 @@ def test_killed_run_under_a_budget_resumes_to_the_same_weights(tmp_path, monkeyp
             if kill_after is not None and epoch == kill_after:
                 raise KeyboardInterrupt
 
-        res = fit(model, SequenceTask(data.train_seqs, TINY_B4R, data.n_items, tcfg.batch_size), tcfg,
+        res = fit(model, MaskedItemTask(data.train_seqs, TINY_B4R, data.n_items, tcfg.batch_size), tcfg,
                   lambda m: evaluate(m, data, "valid"), checkpoint_dir=ckpt, on_epoch=on_epoch)
         return model, res
 
@@ -254,7 +250,7 @@ def _varied_lengths(n=200, n_items=40, seed=0) -> list[np.ndarray]:
 def test_length_buckets_cover_every_sequence_once_and_trim_padding():
     seqs = _varied_lengths()
     cfg = dataclasses.replace(TINY_B4R, max_len=20, length_buckets=True)
-    task = SequenceTask(seqs, cfg, n_items=40, batch_size=16)
+    task = MaskedItemTask(seqs, cfg, n_items=40, batch_size=16)
     task.BUCKET_POOL = 4  # several pools
     order = task._order(torch.Generator().manual_seed(0))
     assert sorted(np.concatenate(order).tolist()) == list(range(len(seqs)))
@@ -266,7 +262,7 @@ def test_length_buckets_cover_every_sequence_once_and_trim_padding():
         widths.append(batch["inputs"].shape[1])
         assert batch["inputs"].shape[1] == real.max() <= 20  # padded to its own longest sequence only
         spans.append(int(real.max() - real.min()))
-    flat = SequenceTask(seqs, dataclasses.replace(cfg, length_buckets=False), n_items=40, batch_size=16)
+    flat = MaskedItemTask(seqs, dataclasses.replace(cfg, length_buckets=False), n_items=40, batch_size=16)
     flat_spans = [int((b["inputs"] != 0).sum(1).max() - (b["inputs"] != 0).sum(1).min())
                   for b in flat.batches(torch.Generator().manual_seed(0))]
     assert np.mean(spans) < 0.5 * np.mean(flat_spans)  # similar lengths share a batch
@@ -275,18 +271,18 @@ def test_length_buckets_cover_every_sequence_once_and_trim_padding():
 def test_token_weighting_makes_every_masked_item_count_alike():
     seqs = _varied_lengths()
     cfg = dataclasses.replace(TINY_B4R, max_len=20, token_weighted=True)
-    batches = list(SequenceTask(seqs, cfg, n_items=40, batch_size=16).batches(torch.Generator().manual_seed(0)))
+    batches = list(MaskedItemTask(seqs, cfg, n_items=40, batch_size=16).batches(torch.Generator().manual_seed(0)))
     counts = torch.tensor([float((b["labels"] != 0).sum()) for b in batches])
     scales = torch.stack([b["loss_scale"] for b in batches])
     ratio = scales / counts  # mean loss x scale = sum loss / the expected masked items per batch
     torch.testing.assert_close(ratio, ratio[0].expand_as(ratio))
     assert scales.min() < 0.7 < 1.3 < scales.max()  # short and long batches really differ
     # the expectation (no pass over the epoch needed) is what masking really yields on average
-    task = SequenceTask(seqs, cfg, n_items=40, batch_size=16)
+    task = MaskedItemTask(seqs, cfg, n_items=40, batch_size=16)
     totals = [sum(int((b["labels"] != 0).sum()) for b in task.batches(torch.Generator().manual_seed(k)))
               for k in range(300)]
-    assert np.mean(totals) == pytest.approx(task.expected_masked(), rel=0.01)
-    torch.testing.assert_close(ratio[0], torch.tensor(task.n_batches() / task.expected_masked()))
+    assert np.mean(totals) == pytest.approx(task.expected_targets(), rel=0.01)
+    torch.testing.assert_close(ratio[0], torch.tensor(task.n_batches() / task.expected_targets()))
     model = BERT4Rec(40, cfg)
     b = batches[0]
     _, scaled = model(**b)
@@ -299,7 +295,7 @@ def test_trimmed_queries_score_like_full_width_ones():
     cfg = dataclasses.replace(TINY_B4R, max_len=30)
     model = BERT4Rec(40, cfg).eval()
     hist = [s[:12] for s in _varied_lengths(n=8)]
-    q = query_inputs(hist, model)
+    q = model.query_inputs(hist)
     assert q.shape[1] == max(len(h) for h in hist) + 1 < cfg.max_len
     full = torch.cat([torch.zeros(len(hist), cfg.max_len - q.shape[1], dtype=q.dtype), q], dim=1)
     with torch.no_grad():

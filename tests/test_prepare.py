@@ -5,6 +5,7 @@ import scipy.sparse as sp
 
 from recsys_pretrain import schema as S
 from recsys_pretrain.config import IngestConfig, PrepareConfig
+from recsys_pretrain.data import split
 from recsys_pretrain.data.ingest import ingest
 from recsys_pretrain.data.prepare import prepare
 
@@ -24,6 +25,13 @@ def log(write, tmp_path):
     src = write("log.csv", HEADER + body)
     ingest([src], tmp_path / "ing", IngestConfig())
     return tmp_path / "ing"
+
+
+def _sequences(ingested, cfg: PrepareConfig) -> pl.DataFrame:
+    """Every user's whole interaction sequence, as prepare reads it: what the splits are checked against."""
+    events = pl.scan_parquet(ingested / "events.parquet")
+    inter = split.interactions(events, cfg.sequence_event_types, cfg.collapse_repeats, cfg.first_only)
+    return split.sequences(inter).collect()
 
 
 def _items(vocab_items, idx):
@@ -54,7 +62,7 @@ def test_leave_last_out_holds_out_the_last_two_and_never_leaks(log, tmp_path):
 
 def test_loo_training_times_precede_held_out_times(log, tmp_path):
     prepare(log, tmp_path / "prep", PrepareConfig())
-    seq = pl.read_parquet(tmp_path / "prep" / "sequences.parquet")
+    seq = _sequences(log, PrepareConfig())
     loo = pl.read_parquet(tmp_path / "prep" / "loo.parquet")
     for s, row in zip(seq.iter_rows(named=True), loo.iter_rows(named=True), strict=True):
         if row["test"] is None:
@@ -66,12 +74,13 @@ def test_loo_training_times_precede_held_out_times(log, tmp_path):
 
 def test_temporal_split_by_cutoff(log, tmp_path):
     meta = prepare(log, tmp_path / "prep", PrepareConfig(temporal_cutoff="2023-11-15T03:00:00+00:00"))
-    train = pl.read_parquet(tmp_path / "prep" / "temporal_train.parquet").explode("items", "times")
-    test = pl.read_parquet(tmp_path / "prep" / "temporal_test.parquet").explode("items", "times")
     cutoff = pl.Series([meta["temporal"]["cutoff"]]).str.to_datetime(time_zone="UTC")[0]
-    assert train["times"].max() < cutoff <= test["times"].min()
+    seq = _sequences(log, PrepareConfig()).explode("items", "times", "events")
+    tt = split.temporal_split(seq.rename({"items": S.ITEM_IDX, "times": S.TIMESTAMP}).lazy(), cutoff).collect()
+    train, test = tt.filter(pl.col(split.SPLIT) == "train"), tt.filter(pl.col(split.SPLIT) == "test")
+    assert train[S.TIMESTAMP].max() < cutoff <= test[S.TIMESTAMP].min()
     assert train.height + test.height == meta["interactions"]
-    assert meta["temporal"]["train_events"] == train.height
+    assert meta["temporal"]["train_events"] == train.height and meta["temporal"]["test_events"] == test.height
 
 
 def test_temporal_cutoff_rejects_naive_times_and_bad_quantiles(log, tmp_path):
@@ -84,8 +93,9 @@ def test_temporal_cutoff_rejects_naive_times_and_bad_quantiles(log, tmp_path):
 def test_collapse_repeats_and_custom_weights(write, tmp_path):
     body = "".join(f"u,{i},{1700000000 + t},click\n" for t, i in enumerate("aabbbca"))
     ingest([write("log.csv", HEADER + body)], tmp_path / "ing", IngestConfig())
-    prepare(tmp_path / "ing", tmp_path / "prep", PrepareConfig(collapse_repeats=True, event_weights={"click": 0.5}))
-    seq = pl.read_parquet(tmp_path / "prep" / "sequences.parquet")
+    cfg = PrepareConfig(collapse_repeats=True, event_weights={"click": 0.5})
+    prepare(tmp_path / "ing", tmp_path / "prep", cfg)
+    seq = _sequences(tmp_path / "ing", cfg)
     assert seq["items"].to_list() == [[1, 2, 3, 1]]
     m = sp.load_npz(tmp_path / "prep" / "train_matrix.npz").toarray()
     np.testing.assert_allclose(m, [[0, 0.5, 0.5, 0]])  # a b | c (valid) a (test)
@@ -95,7 +105,6 @@ def test_sasrec_logs_have_no_temporal_split(write, tmp_path):
     ingest([write("s.txt", "1 1\n1 2\n1 3\n1 4\n")], tmp_path / "ing", IngestConfig(format="sasrec"))
     meta = prepare(tmp_path / "ing", tmp_path / "prep", PrepareConfig())
     assert meta["temporal"]["available"] is False
-    assert not (tmp_path / "prep" / "temporal_train.parquet").exists()
     loo = pl.read_parquet(tmp_path / "prep" / "loo.parquet")
     assert loo.row(0, named=True)["train"] == [1, 2] and loo["test"].item() == 4
 

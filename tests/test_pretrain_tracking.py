@@ -10,8 +10,11 @@ from mlflow.tracking import MlflowClient
 
 from recsys_pretrain.checkpoint import load_model_dir
 from recsys_pretrain.config import load_config
-from recsys_pretrain.tracking import MLflowTracker, load_pyfunc
-from recsys_pretrain.train.pretrain import evaluate, load_prepared, pretrain, query_inputs
+from recsys_pretrain.data.prepared import load_prepared
+from recsys_pretrain.evaluation import evaluate
+from recsys_pretrain.registry import load_pyfunc
+from recsys_pretrain.tracking import MLflowTracker
+from recsys_pretrain.train.pretrain import pretrain
 
 TINY = {
     "mf": ["pretrain.mf.dim=16"],  # the default solver, als: the grid of 6 settings, one evaluation each
@@ -39,7 +42,12 @@ def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_pre
     assert "git_commit" in run.data.tags
     assert run.data.metrics["test/ndcg_at_10"] == pytest.approx(res.test["ndcg_at_10"])
     assert "test/popularity_ndcg_at_10" in run.data.metrics
-    steps = [m.step for m in client.get_metric_history(res.run_id, "val/ndcg_at_10")]
+    steps = [m.step for m in client.get_metric_history(res.run_id, "valid/ndcg_at_10")]
+    # one namespace: the validation curve, then the chosen model's validation at the last step
+    hist = client.get_metric_history(res.run_id, "valid/ndcg_at_10")
+    assert hist[-1].step == res.fit.epochs_run and hist[-1].value == pytest.approx(res.valid["ndcg_at_10"])
+    steps = steps[:-1]
+    assert not client.get_metric_history(res.run_id, "val/ndcg_at_10")
     if recipe == "mf":  # closed form: one solve and one validation per setting of the grid
         assert steps == [1, 2, 3, 4, 5, 6] and res.fit.stopped == "closed_form"
         assert {"regularization", "alpha"} <= set(json.loads((res.model_dir / "model.json").read_text())["chosen"])
@@ -63,7 +71,7 @@ def test_pretrain_is_tracked_and_the_logged_model_gives_the_same_scores(tiny_pre
             expected = net.score_users(torch.from_numpy(users)).numpy()  # (20, n_items)
         else:
             full = data.full_sequences()
-            expected = net(query_inputs([full[u] for u in users], net))[0].numpy()
+            expected = net(net.query_inputs([full[u] for u in users]))[0].numpy()
     items = np.arange(1, data.n_items + 1)
     pairs = pd.DataFrame({"user_id": np.repeat(vocab.user_ids(users), len(items)),
                           "item_id": np.tile(vocab.item_ids(items), len(users))})

@@ -5,8 +5,9 @@ import dataclasses
 
 import numpy as np
 
-from recsys_pretrain.config import BERT4RecConfig, load_config
-from recsys_pretrain.recipes import resolve
+from recsys_pretrain.config import load_config
+from recsys_pretrain.models import resolve
+from recsys_pretrain.models.bert4rec import BERT4RecConfig
 
 
 def _seqs(lengths):

@@ -261,3 +261,120 @@ def test_the_access_log_never_shows_a_user_id_when_a_user_key_is_configured():
     assert line("/recommend/caf%C3%A9") == '127.0.0.1:5000 - "GET /recommend/<user> HTTP/1.1" 200'
     assert line("/recommend") == '127.0.0.1:5000 - "GET /recommend HTTP/1.1" 200'  # the history route
     assert line("/similar/i3?k=2") == '127.0.0.1:5000 - "GET /similar/i3?k=2 HTTP/1.1" 200'
+
+
+def _wait(cond, what, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_before_the_first_publication_it_is_live_not_ready_then_follows_the_pointer(served, tmp_path, monkeypatch):
+    """No pointer file yet: the service starts, /health (liveness) 200 saying what it waits for, /ready and the
+    recommendation routes 503; the first publication is served without a restart, the next one swapped in."""
+    from recsys_pretrain.io import write_json
+
+    model_dir = served["model_dir"]
+    _index(model_dir, tmp_path / "v1", "HNSW16")
+    _index(model_dir, tmp_path / "v2", "Flat")
+    pointer = tmp_path / "serving" / "current.json"
+    scfg = ServeConfig(index=str(pointer), reload_poll_s=0.1)
+    holder = make_holder(scfg)
+    assert not holder.ready and holder.version == 0 and str(pointer) in holder.waiting_for
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    token = "t" * 32
+    app = create_app(holder, scfg)
+    try:
+        with running(app, scfg) as (_, url), httpx.Client(base_url=url, timeout=10) as c:
+            h = c.get("/health")
+            assert h.status_code == 200
+            h = h.json()
+            assert h["status"] == "waiting" and h["ready"] is False and h["model"] is None
+            assert str(pointer) in h["waiting_for"] and "first publication" in h["waiting_for"]
+            r = c.get("/ready")
+            assert r.status_code == 503 and r.json()["ready"] is False and r.headers["retry-after"] == "1"
+            for r in (c.get("/recommend/1"), c.post("/recommend", json={"history": [1]}), c.get("/similar/1"),
+                      c.get("/metadata"), c.post("/admin/reload")):
+                assert r.status_code == 503, r.text
+                assert r.json()["error"].startswith("not ready: ") and "first publication" in r.json()["error"]
+            # the first publication: served at the next poll, by the same server
+            write_json(pointer, {"model": str(model_dir), "version": 1, "path": str(tmp_path / "v1")})
+            _wait(lambda: c.get("/ready").status_code == 200, "the first publication was not loaded")
+            h = c.get("/health").json()
+            assert h["status"] == "ok" and h["ready"] and h["waiting_for"] is None and h["index"] == "HNSW16"
+            assert h["model"]["version"] == 1 and h["model"]["name"] == "mf" and h["index_version"] == 1
+            assert c.get("/recommend/1").status_code == 200 and c.get("/metadata").status_code == 200
+            started = h["started_at"]
+            # the next one is swapped in
+            write_json(pointer, {"model": str(model_dir), "version": 2, "path": str(tmp_path / "v2")})
+            _wait(lambda: c.get("/health").json()["model"]["version"] == 2, "the next publication was not followed")
+            h = c.get("/health").json()
+            assert h["index"] == "Flat" and h["index_version"] == 2 and h["started_at"] == started
+        # a client without the admin token does not see the pointer's path
+        other = make_holder(ServeConfig(index=str(tmp_path / "elsewhere" / "current.json"), reload_poll_s=0))
+        try:
+            with running(create_app(other, ServeConfig(admin_token=token)), scfg) as (_, url), \
+                    httpx.Client(base_url=url, timeout=10) as c:
+                h = c.get("/health").json()
+                assert h["ready"] is False and str(tmp_path) not in h["waiting_for"] and "<redacted>" in h["waiting_for"]
+                assert str(tmp_path) not in c.get("/ready").text
+        finally:
+            other.close()
+    finally:
+        holder.close()
+
+
+def test_a_failed_load_is_retried_after_a_backoff_and_the_old_one_keeps_serving(served, tmp_path):
+    from recsys_pretrain.io import write_json
+
+    model_dir = served["model_dir"]
+    _index(model_dir, tmp_path / "v1", "Flat")
+    pointer = tmp_path / "current.json"
+    write_json(pointer, {"model": str(model_dir), "path": str(tmp_path / "v1")})
+    holder = make_holder(ServeConfig(index=str(pointer), reload_poll_s=0))  # polled by hand here
+    calls = []
+    real = holder._loader
+
+    def flaky():
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("the model store hung up")
+        return real()
+
+    holder._loader = flaky
+    try:
+        write_json(pointer, {"model": str(model_dir), "path": str(tmp_path / "v1"), "version": 2})
+        assert holder.poll(0.01) is False and holder.ready and holder.version == 1
+        assert holder.last_error.startswith("OSError")
+        assert holder.poll(0.01) is False and len(calls) == 1  # the same publication: not before the backoff
+        holder._retry_at = 0.0  # the backoff has passed
+        assert holder.poll(0.01) is True and holder.version == 2 and holder.last_error is None
+        assert holder.poll(0.01) is False and len(calls) == 2  # nothing new
+    finally:
+        holder.close()
+
+
+def test_an_alias_is_waited_for_and_re_resolved_on_the_poll(served, mlflow_uri):
+    from recsys_pretrain.registry import register_model, set_alias
+    from recsys_pretrain.tracking import MLflowTracker
+
+    tracker = MLflowTracker(mlflow_uri)
+    runs = []
+    for _ in range(2):
+        with tracker.start_run("serving-alias-test", "mf") as run_id:
+            tracker.log_model_dir(served["model_dir"], name="model_dir")
+        runs.append(run_id)
+    v1 = register_model(f"runs:/{runs[0]}/model_dir", "alias-mf", mlflow_uri)
+    holder = make_holder(ServeConfig(model="models:/alias-mf@champion", reload_poll_s=0.1), mlflow_uri)
+    try:
+        assert not holder.ready and "alias 'champion'" in holder.waiting_for
+        set_alias("alias-mf", "champion", v1, mlflow_uri)
+        _wait(lambda: holder.ready, "the alias was not picked up")
+        assert holder.current.source["registered"] == {"model": "models:/alias-mf@champion", "version": v1}
+        v2 = register_model(f"runs:/{runs[1]}/model_dir", "alias-mf", mlflow_uri)
+        set_alias("alias-mf", "champion", v2, mlflow_uri)
+        _wait(lambda: holder.current.source["registered"]["version"] == v2, "the moved alias was not followed")
+        assert holder.version == 2
+    finally:
+        holder.close()

@@ -315,7 +315,8 @@ def test_keep_alive_connections_still_work(client):
 
 # ---- 10. the download cache ------------------------------------------------------------------------------
 def test_reloads_of_a_registered_model_reuse_one_download(model, mlflow_uri, tmp_path, monkeypatch, no_env_token):
-    from recsys_pretrain.tracking import MLflowTracker, register_model, set_alias
+    from recsys_pretrain.registry import register_model, set_alias
+    from recsys_pretrain.tracking import MLflowTracker
 
     tracker = MLflowTracker(mlflow_uri)
     with tracker.start_run("serving-test", "mf") as run_id:
@@ -351,23 +352,23 @@ def _log_model_dir_run(model, mlflow_uri) -> str:
 
 
 def test_a_cut_off_download_never_poisons_the_cache(model, mlflow_uri, tmp_path, monkeypatch):
-    import recsys_pretrain.tracking as tracking
-    from recsys_pretrain.index import resolve_model_dir
+    import recsys_pretrain.registry as registry
+    from recsys_pretrain.registry import resolve_model_dir
 
     run_id = _log_model_dir_run(model, mlflow_uri)
     cache = tmp_path / "cache"
-    real = tracking.download_artifacts
+    real = registry.download_artifacts
 
     def cut_off(run_id, artifact_path, tracking_uri, dst_path=None):
         local = real(run_id, artifact_path, tracking_uri, dst_path=dst_path)
         (local / "item_embeddings.npy").unlink()  # killed half way: model.json is there, the vectors are not
         raise ConnectionResetError("connection reset by peer")
 
-    monkeypatch.setattr(tracking, "download_artifacts", cut_off)
+    monkeypatch.setattr(registry, "download_artifacts", cut_off)
     with pytest.raises(ConnectionResetError):
         resolve_model_dir(run_id, mlflow_uri, cache_dir=cache)
     assert not (cache / run_id).exists()  # nothing that looks cached
-    monkeypatch.setattr(tracking, "download_artifacts", real)
+    monkeypatch.setattr(registry, "download_artifacts", real)
     got = resolve_model_dir(run_id, mlflow_uri, cache_dir=cache)
     assert got == cache / run_id / "model_dir" and (got / "item_embeddings.npy").exists()
     assert [p.name for p in cache.iterdir()] == [run_id]  # the cut-off download left nothing behind
@@ -382,16 +383,18 @@ def test_a_cut_off_download_never_poisons_the_cache(model, mlflow_uri, tmp_path,
     def boom(*a, **kw):
         raise AssertionError("a complete cache entry was downloaded again")
 
-    monkeypatch.setattr(tracking, "download_artifacts", boom)
+    monkeypatch.setattr(registry, "download_artifacts", boom)
     assert resolve_model_dir(run_id, mlflow_uri, cache_dir=cache) == got
 
 
 def test_reranker_loads_go_to_the_cache_and_leave_no_temp_dirs(model, mlflow_uri, tmp_path, monkeypatch):
-    from recsys_pretrain.tracking import MLflowTracker, register_model, set_alias
+    from recsys_pretrain.pyfunc import log_recommender
+    from recsys_pretrain.registry import register_model, set_alias
+    from recsys_pretrain.tracking import MLflowTracker
 
     tracker = MLflowTracker(mlflow_uri)
     with tracker.start_run("serving-test", "ranker"):
-        uri = tracker.log_recommender(model["model_dir"])  # a real pyfunc scoring (user_id, item_id) pairs
+        uri = log_recommender(tracker, model["model_dir"])  # a real pyfunc scoring (user_id, item_id) pairs
     versions = [register_model(uri, "recsys-ranker", mlflow_uri) for _ in range(3)]
     set_alias("recsys-ranker", "champion", versions[0], mlflow_uri)
 
@@ -458,13 +461,13 @@ def test_rerankers_come_from_trusted_names_only(uri, ok):
 
 
 def test_untrusted_reranker_is_refused_before_anything_loads(model, monkeypatch):
-    import recsys_pretrain.tracking as tracking
+    import recsys_pretrain.registry as registry
 
     def boom(*a, **kw):
         raise AssertionError("an untrusted re-ranker was loaded")
 
-    monkeypatch.setattr(tracking, "load_pyfunc", boom)
-    monkeypatch.setattr(tracking, "get_alias_version", boom)
+    monkeypatch.setattr(registry, "load_pyfunc", boom)
+    monkeypatch.setattr(registry, "get_alias_version", boom)
     for uri in ("models:/attacker@champion", "runs:/0123456789abcdef0123456789abcdef/model"):
         with pytest.raises(ValueError, match="is refused"):
             make_holder(_cfg(model, reranker=uri), "sqlite:///unused.db")
@@ -473,8 +476,9 @@ def test_untrusted_reranker_is_refused_before_anything_loads(model, monkeypatch)
 def test_reranker_is_pinned_to_its_version_and_loaded_once_per_version(model, mlflow_uri, monkeypatch):
     import numpy as np
 
-    import recsys_pretrain.tracking as tracking
-    from recsys_pretrain.tracking import MLflowTracker, register_model, set_alias
+    import recsys_pretrain.registry as registry
+    from recsys_pretrain.registry import register_model, set_alias
+    from recsys_pretrain.tracking import MLflowTracker
 
     tracker = MLflowTracker(mlflow_uri)
     with tracker.start_run("serving-test", "ranker") as run_id:
@@ -493,7 +497,7 @@ def test_reranker_is_pinned_to_its_version_and_loaded_once_per_version(model, ml
         loaded.append(uri)
         return Scorer()
 
-    monkeypatch.setattr(tracking, "load_pyfunc", fake_load)
+    monkeypatch.setattr(registry, "load_pyfunc", fake_load)
     holder = make_holder(_cfg(model, reranker="models:/recsys-ranker@champion"), mlflow_uri)
     try:
         for _ in range(5):

@@ -14,26 +14,34 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
+import polars as pl
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from recsys_pretrain.pyfunc import EmbeddingScorer, log_ranker, log_recommender, scorer_input_example
+from recsys_pretrain.registry import (
+    download_artifacts,
+    get_alias_version,
+    get_model_version,
+    load_pyfunc,
+    parse_models_uri,
+    register_model,
+    resolve_model_dir,
+    set_alias,
+)
 from recsys_pretrain.tracking import (
     MAX_PARAM_CHARS,
     MLflowTracker,
     NullTracker,
     Tracker,
-    download_artifacts,
-    get_alias_version,
     git_commit,
-    load_pyfunc,
     pip_requirements,
-    register_model,
     resolve_tracking_uri,
     run_metrics,
     safe_key,
-    set_alias,
 )
+from recsys_pretrain.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_FEATURES = 4
@@ -356,3 +364,63 @@ def test_safe_key_maps_ranking_metric_names_to_names_mlflow_accepts():
     assert safe_key("eval/ndcg@20") == "eval/ndcg_at_20"
     assert safe_key("a,b(c)") == "a_b_c_"
     assert safe_key("ok-name_1.x: y") == "ok-name_1.x: y"
+
+
+def test_model_sources_resolve_to_one_local_directory(store, tmp_path):
+    """registry.resolve_model_dir: a directory as it is; a run, runs:/, models:/NAME@ALIAS and
+    models:/NAME/VERSION to the run's `model_dir` artifact; anything else refused by name."""
+    uri, tracker, _ = store
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.json").write_text('{"model": "mf"}')
+    with tracker.start_run("sources", "mf") as run_id:
+        tracker.log_model_dir(model_dir, name="model_dir")
+    version = register_model(f"runs:/{run_id}/model_dir", "tiny", uri)
+    set_alias("tiny", "champion", version, uri)
+
+    assert resolve_model_dir(model_dir) == model_dir  # no store needed
+    for source in (run_id, f"runs:/{run_id}", "models:/tiny@champion", f"models:/tiny/{version}"):
+        got = resolve_model_dir(source, uri, cache_dir=tmp_path / "cache")
+        assert got == tmp_path / "cache" / run_id / "model_dir"
+        assert (got / "model.json").read_text() == '{"model": "mf"}'
+    assert (resolve_model_dir(f"models:/tiny/{version}", uri) / "model.json").exists()  # no cache: a temp dir
+    assert get_model_version("tiny", version, uri)["run_id"] == run_id
+    assert get_model_version("tiny", 7, uri) is None and get_model_version("absent", 1, uri) is None
+    with pytest.raises(FileNotFoundError, match="version 7"):
+        resolve_model_dir("models:/tiny/7", uri)
+    with pytest.raises(FileNotFoundError, match="alias"):
+        resolve_model_dir("models:/tiny@nope", uri)
+    with pytest.raises(ValueError, match="models:/NAME/VERSION"):
+        resolve_model_dir("models:/m-0123456789abcdef", uri)  # a logged-model id names no run's model_dir
+    with pytest.raises(ValueError, match="tracking_uri"):
+        resolve_model_dir(run_id)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        resolve_model_dir(tmp_path / "nowhere", uri)
+
+
+def test_parse_models_uri():
+    assert parse_models_uri("models:/recsys-ranker@champion") == ("recsys-ranker", "champion", None)
+    assert parse_models_uri("models:/recsys-ranker/3") == ("recsys-ranker", None, "3")
+    for bad in ("models:/recsys-ranker", "models:/recsys-ranker/latest", "models:/@x", "models:/x@",
+                "runs:/abc/model", "/tmp/model"):
+        assert parse_models_uri(bad) is None
+
+
+def test_pyfunc_models_log_through_the_null_tracker(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    np.save(model_dir / "item_embeddings.npy", np.eye(2, dtype=np.float32))
+    np.save(model_dir / "user_embeddings.npy", np.ones((1, 2), dtype=np.float32))
+    Vocab.from_ids(pl.Series(["u1"]), pl.Series(["i1", "i2"])).save(model_dir / "vocab.json")
+    tracker = NullTracker()
+    with tracker.start_run("flow", "stage"):
+        uri = log_recommender(tracker, model_dir, name="model", registered_model_name="recsys-mf")
+        with pytest.raises(FileNotFoundError, match="not a model directory"):
+            log_recommender(tracker, tmp_path / "nowhere")
+        with pytest.raises(FileNotFoundError, match="not a ranker directory"):
+            log_ranker(tracker, model_dir)
+    [logged] = tracker.models
+    assert logged["uri"] == uri and logged["registered_model_name"] == "recsys-mf"
+    assert isinstance(logged["python_model"], EmbeddingScorer)
+    assert logged["artifacts"] == {"model_dir": str(model_dir)}
+    assert list(scorer_input_example(model_dir).columns) == ["user_id", "item_id"]

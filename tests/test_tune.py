@@ -7,7 +7,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from recsys_pretrain.cli import main
-from recsys_pretrain.config import ConfigError, flatten, load_config, to_dict
+from recsys_pretrain.config import ConfigError, load_config
 from recsys_pretrain.tune import resolve_space
 
 # MF softmax on the tiny data: six epochs, validated after each, so the median pruner has epochs to compare.
@@ -61,9 +61,11 @@ def test_tune_end_to_end(tiny_prepared, mlflow_uri, tmp_path, capsys):
     assert sorted(p.name for p in (out / "trials").iterdir() if not p.name.startswith(".")) == [
         f"{summary['best_trial']:03d}"]
     cfg = load_config(summary["best_yaml"])
-    flat = flatten(to_dict(cfg.pretrain))
-    for key, value in summary["best_params"].items():
-        assert flat[key] == value
+    for key, value in summary["best_params"].items():  # dotted keys under the pretrain section
+        node = cfg.pretrain
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value
     assert cfg.pretrain.model == "mf" and cfg.pretrain.mf.loss == "softmax" and cfg.pretrain.resume == "match"
     assert json.loads((out / "tune.json").read_text())["best_value"] == summary["best_value"]
 

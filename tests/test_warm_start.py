@@ -9,7 +9,9 @@ import scipy.sparse as sp
 import torch
 
 from recsys_pretrain.checkpoint import build_model, item_overlap, save_model_dir, warm_start
-from recsys_pretrain.config import BERT4RecConfig, MFConfig, load_config
+from recsys_pretrain.config import load_config
+from recsys_pretrain.models.bert4rec import BERT4RecConfig
+from recsys_pretrain.models.mf import MFConfig
 from recsys_pretrain.train.pretrain import pretrain
 from recsys_pretrain.vocab import Vocab
 

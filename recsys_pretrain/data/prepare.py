@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -16,20 +15,13 @@ from recsys_pretrain import schema as S
 from recsys_pretrain.config import PrepareConfig
 from recsys_pretrain.data import split
 from recsys_pretrain.data.interactions import interaction_matrix
-from recsys_pretrain.io import atomic_dir, write_json
+from recsys_pretrain.io import atomic_dir, sha256_file, write_json
 from recsys_pretrain.vocab import Vocab
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig, force: bool = False) -> dict:
-    """Write sequences.parquet, loo.parquet, train_matrix.npz, temporal_*.parquet, vocab.json, meta.json."""
+    """Write loo.parquet (each user's training items and leave-last-out targets), train_matrix.npz, vocab.json
+    and meta.json (with the counts of the global temporal split at `temporal_cutoff`, which labels use)."""
     t0 = time.perf_counter()
     ingested = Path(ingested)
     events_path = ingested / "events.parquet"
@@ -42,7 +34,6 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig, force: bo
 
     with atomic_dir(out, inputs=[ingested], force=force) as stage:
         shutil.copyfile(ingested / "vocab.json", stage / "vocab.json")
-        split.sequences(inter).sink_parquet(stage / "sequences.parquet")
 
         tagged = split.leave_last_out(inter, cfg.min_train_items).collect()
         loo = split.loo_table(tagged.lazy()).collect()
@@ -56,14 +47,6 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig, force: bo
         if has_time:
             cutoff = split.resolve_cutoff(inter, cfg.temporal_cutoff)
             tt = split.temporal_split(tagged.drop(split.SPLIT).lazy(), cutoff).collect()
-            for part in ("train", "test"):
-                (
-                    tt.filter(pl.col(split.SPLIT) == part)
-                    .group_by(S.USER_IDX, maintain_order=True)
-                    .agg(pl.col(S.ITEM_IDX).alias("items"), pl.col(S.TIMESTAMP).alias("times"))
-                    .sort(S.USER_IDX)
-                    .write_parquet(stage / f"temporal_{part}.parquet")
-                )
             train_users = tt.filter(pl.col(split.SPLIT) == "train")[S.USER_IDX].unique()
             train_items = tt.filter(pl.col(split.SPLIT) == "train")[S.ITEM_IDX].unique()
             test = tt.filter(pl.col(split.SPLIT) == "test")
@@ -81,7 +64,7 @@ def prepare(ingested: str | Path, out: str | Path, cfg: PrepareConfig, force: bo
         meta = {
             "dataset": report.get("dataset", ingested.name),
             "source": str(ingested),
-            "events_sha256": file_sha256(events_path),
+            "events_sha256": sha256_file(events_path),
             "n_users": vocab.n_users,
             "n_items": vocab.n_items,
             "n_item_tokens": vocab.n_item_tokens,

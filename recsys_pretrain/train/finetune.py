@@ -20,12 +20,17 @@ import polars as pl
 import torch
 
 from recsys_pretrain import schema as S
-from recsys_pretrain.config import FinetuneConfig, flatten
+from recsys_pretrain.config import FinetuneConfig, PrepareConfig
 from recsys_pretrain.data.labels import FEATURES, features
+from recsys_pretrain.data.prepare import prepare
 from recsys_pretrain.io import atomic_dir
 from recsys_pretrain.metrics import binary_metrics
 from recsys_pretrain.models.heads import ESMMRanker
+from recsys_pretrain.pyfunc import log_ranker
+from recsys_pretrain.ranker import RANKER_META, predict_pairs
+from recsys_pretrain.tracking import NullTracker
 from recsys_pretrain.train.loop import FitResult, fit
+from recsys_pretrain.train.pretrain import pretrain
 from recsys_pretrain.vocab import Vocab
 
 INITS = ("frozen", "finetuned", "random")
@@ -66,16 +71,7 @@ class LabelTask:
 
 
 def predict(model: ESMMRanker, rows: LabelSet, batch_size: int = 8192) -> dict[str, np.ndarray]:
-    model.eval()
-    out: dict[str, list] = {"ctr": [], "cvr": [], "ctcvr": []}
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            s = slice(i, i + batch_size)
-            logits, _ = model(torch.from_numpy(rows.users[s]), torch.from_numpy(rows.items[s]),
-                              torch.from_numpy(rows.feats[s]))
-            for k, v in ESMMRanker.probabilities(logits).items():
-                out[k].append(v.numpy())
-    return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
+    return predict_pairs(model, rows.users, rows.items, rows.feats, batch_size)
 
 
 def evaluate_labels(model: ESMMRanker, rows: LabelSet) -> dict[str, float]:
@@ -124,8 +120,6 @@ class FinetuneResult:
 def finetune(label_dir: str | Path, pretrained_dir: str | Path, cfg: FinetuneConfig, out_dir: str | Path,
              tracker=None, parent_run_id: str | None = None, run_name: str | None = None) -> FinetuneResult:
     """Train the ranker with `cfg.init` on `cfg.label_fraction` of the fine-tuning labels; test on [T2, end)."""
-    from recsys_pretrain.tracking import NullTracker
-
     if cfg.init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {cfg.init!r}")
     if not 0.0 < cfg.label_fraction <= 1.0:
@@ -165,10 +159,10 @@ def finetune(label_dir: str | Path, pretrained_dir: str | Path, cfg: FinetuneCon
                            parent_run_id=parent_run_id,
                            description=f"ESMM ranker, {cfg.init} initialisation, {cfg.label_fraction:.0%} of labels"
                            ) as run_id:
-        tracker.log_params(flatten({"finetune": dataclasses.asdict(cfg), "train_rows": len(train)}))
+        tracker.log_params({"finetune": dataclasses.asdict(cfg), "train_rows": len(train)})
 
         def log_epoch(epoch: int, row: dict) -> None:
-            tracker.log_metrics({k.replace("val_", "val/").replace("train_loss", "train/loss"): v
+            tracker.log_metrics({k.replace("val_", "valid/").replace("train_loss", "train/loss"): v
                                  for k, v in row.items() if k != "epoch"}, step=epoch)
 
         result = fit(model, LabelTask(train, cfg.train.batch_size), cfg.train,
@@ -178,7 +172,7 @@ def finetune(label_dir: str | Path, pretrained_dir: str | Path, cfg: FinetuneCon
         tracker.log_metrics({f"test/{k}": v for k, v in metrics.items()}, step=result.epochs_run)
         ranker_dir = save_ranker(out_dir / "ranker", model, cfg, pretrained_dir, Path(label_dir))
         tracker.log_model_dir(ranker_dir, name="ranker_dir")
-        model_uri = tracker.log_ranker(ranker_dir, name="ranker")
+        model_uri = log_ranker(tracker, ranker_dir, name="ranker")
     return FinetuneResult(cfg.init, cfg.label_fraction, len(train), result, metrics, ranker_dir, run_id,
                           time.perf_counter() - t0, model_uri)
 
@@ -186,7 +180,7 @@ def finetune(label_dir: str | Path, pretrained_dir: str | Path, cfg: FinetuneCon
 def save_ranker(path: Path, model: ESMMRanker, cfg: FinetuneConfig, pretrained_dir: Path, label_dir: Path) -> Path:
     with atomic_dir(path) as stage:
         torch.save(model.state_dict(), stage / "weights.pt")
-        (stage / "ranker.json").write_text(json.dumps(
+        (stage / RANKER_META).write_text(json.dumps(
             {"dim": model.user.weight.shape[1], "hidden": cfg.hidden, "n_features": len(FEATURES),
              "features": list(FEATURES), "init": cfg.init, "pretrained": str(pretrained_dir)}, indent=2))
         shutil.copyfile(pretrained_dir / "vocab.json", stage / "vocab.json")
@@ -194,33 +188,10 @@ def save_ranker(path: Path, model: ESMMRanker, cfg: FinetuneConfig, pretrained_d
     return path
 
 
-def load_ranker(path: str | Path) -> tuple[ESMMRanker, dict, Vocab]:
-    """(ranker in eval mode, feature tables, vocab) from a ranker directory."""
-    path = Path(path)
-    meta = json.loads((path / "ranker.json").read_text())
-    vocab = Vocab.load(path / "vocab.json")
-    model = ESMMRanker(vocab.n_users, vocab.n_items, meta["dim"], meta["n_features"], meta["hidden"])
-    model.load_state_dict(torch.load(path / "weights.pt", weights_only=True))
-    model.eval()
-    return model, dict(np.load(path / "features.npz")), vocab
-
-
-def score_pairs(model: ESMMRanker, feats: dict, users: np.ndarray, items: np.ndarray) -> dict[str, np.ndarray]:
-    """pCTR, pCVR, pCTCVR for (user index, item index) pairs."""
-    df = pl.DataFrame({S.USER_IDX: users.astype(np.uint32), S.ITEM_IDX: items.astype(np.uint32)})
-    rows = LabelSet(users.astype(np.int64), items.astype(np.int64), features(df, feats),
-                    np.zeros(len(users), np.int8), np.zeros(len(users), np.int8))
-    return predict(model, rows)
-
-
 def pretrain_before_cutoff(label_dir: str | Path, pretrain_cfg, out_dir: str | Path, tracker=None,
                            parent_run_id: str | None = None):
     """Prepare and pretrain on the events before T1 that `build_labels` set aside: the only pretraining
     the fine-tuning labels may use. Returns the PretrainResult."""
-    from recsys_pretrain.config import PrepareConfig
-    from recsys_pretrain.data.prepare import prepare
-    from recsys_pretrain.train.pretrain import pretrain
-
     out_dir = Path(out_dir)
     prepare(Path(label_dir) / "pretrain", out_dir / "prepared", PrepareConfig())
     return pretrain(out_dir / "prepared", pretrain_cfg, out_dir / "run", tracker=tracker,
