@@ -10,11 +10,13 @@ import numpy as np
 from recsys_pretrain.models.base import RecModel
 from recsys_pretrain.models.bert4rec import BERT4Rec
 from recsys_pretrain.models.mf import MF
+from recsys_pretrain.models.sasrec import SASRec
 from recsys_pretrain.recipes import history_stats
 
 MODELS: dict[str, type[RecModel]] = {
     "mf": MF,
     "bert4rec": BERT4Rec,
+    "sasrec": SASRec,
 }
 
 
