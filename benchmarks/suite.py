@@ -66,7 +66,8 @@ SUITE: dict[str, Dataset] = {
     "taobao-head": Dataset("taobao-userbehavior-head/UserBehavior_head.csv", "taobao",
                            {"min_user_events": 5, "min_item_events": 5}, "5-core filtered at ingest"),
 }
-MODELS = ("popularity", "ease", "als", "mf", "bert4rec")
+MODELS = ("popularity", "ease", "als", "mf", "bert4rec", "sasrec")
+BUDGETED = ("bert4rec", "sasrec")  # trained under --minutes
 PEERS = ("popularity", "ease", "als")
 WORK = CACHE / "suite"
 TITLE = "# The suite: every model on every dataset, one protocol"
@@ -165,8 +166,8 @@ def run_peer(model: str, split: _peers.Split, args) -> dict:
 
 def run_ours(name: str, model: str, prep: Path, args) -> dict:
     overrides = [f"pretrain.model={model}", f"pretrain.{model}.train.progress=false"]  # no progress bars in logs
-    if model == "bert4rec":
-        overrides.append(f"pretrain.bert4rec.train.max_minutes={args.minutes}")
+    if model in BUDGETED:
+        overrides.append(f"pretrain.{model}.train.max_minutes={args.minutes}")
     if args.refit == "off" and "refit" in {f.name for f in dataclasses.fields(PretrainConfig)}:
         overrides.append("pretrain.refit=false")  # the same protocol as the peers: no refit for test
     overrides += [o for o in args.set if o.startswith(f"pretrain.{model}.") or o.startswith("pretrain.refit")]
@@ -190,7 +191,7 @@ def run_ours(name: str, model: str, prep: Path, args) -> dict:
            + (" (refit on training + validation items)" if no_refit is not None else " (no refit)")}
     if no_refit is not None:
         row["test_ndcg_at_10_no_refit"], row["test_hr_at_10_no_refit"] = no_refit["ndcg_at_10"], no_refit["hr_at_10"]
-    if model == "bert4rec":
+    if model in BUDGETED:
         row["minutes_budget"] = args.minutes
     return row
 
@@ -201,7 +202,7 @@ def settings(model: str, args) -> dict:
         return {"refit": args.refit, "first_only": PROTOCOL.first_only, **({"seed": args.seed} if model == "als" else {}),
                 **({"ease_max_items": args.ease_max_items} if model == "ease" else {})}
     return {"refit": args.refit, "first_only": PROTOCOL.first_only,
-            **({"minutes_budget": args.minutes} if model == "bert4rec" else {}),
+            **({"minutes_budget": args.minutes} if model in BUDGETED else {}),
             "set": sorted(o for o in args.set if o.startswith(f"pretrain.{model}.") or o.startswith("pretrain.refit"))}
 
 
@@ -250,6 +251,11 @@ def targets(dataset: str, rows: dict[str, dict]) -> list[str]:
                                                           "comparison (no figure)" if missing else ""))
     elif "bert4rec" in rows:
         out.append("- bert4rec >= 1.10 x max(EASE, ALS): not checked (no EASE or ALS figure)")
+    sas = ndcg("sasrec")
+    if sas is not None and peers:
+        top = max(peers.values())
+        out.append(f"- sasrec (no target of its own): {sas:.4f}, {sas / top:.2f}x max(EASE, ALS)"
+                   + (f", {sas / b:.2f}x bert4rec" if b else ""))
     mf, als = ndcg("mf"), ndcg("als")
     if mf is not None and als is not None:
         out.append(f"- mf >= ALS: {verdict(mf, als)}")
@@ -273,10 +279,11 @@ def markdown(payload: dict) -> str:
              "the whole catalogue ranked, the user's history excluded, NDCG@10 and HR@10 over every user with a",
              "target; hyper-parameters chosen on validation, reported on test.",
              "Peers on test: " + (refit_note if refit else "the validation-only fit (no refit)") + ".",
-             "Ours (mf, bert4rec): the library's defaults as they resolve for each dataset (recipes below),",
-             "bert4rec under a wall-clock budget, and the test figure `pretrain` returns. Training wall time:",
+             "Ours (mf, bert4rec, sasrec): the library's defaults as they resolve for each dataset (recipes below),",
+             "bert4rec and sasrec under a wall-clock budget, and the test figure `pretrain` returns. Training wall time:",
              "for the peers the fit time summed over the grid (and the refit), for ours the library's training",
              "time (its validation passes included); evaluation is not counted. 2 shared CPU cores.", "",
+             *([f"**Conditions of this run:** {payload['note']}", ""] if payload.get("note") else []),
              "Peers' grids: popularity (none); EASE lambda in "
              f"{list(_peers.EASE_LAMBDAS)} (every one up to {_peers.EASE_EXHAUSTIVE_ITEMS:,} items, a hill climb "
              f"from the middle above; float32 inverse above {_peers.EASE_FLOAT64_ITEMS:,} items); implicit ALS "
@@ -334,7 +341,7 @@ def markdown(payload: dict) -> str:
                          f"{fmt(r.get('valid_ndcg_at_10'))} | {fmt(r.get('test_ndcg_at_10_no_refit'))} | "
                          f"{fmt(r.get('train_seconds'), ',.1f')} | {note} |")
         lines.append("")
-        for m in ("mf", "bert4rec"):
+        for m in ("mf", *BUDGETED):
             if m in rs and rs[m].get("config"):
                 lines.append(f"- {m} recipe (resolved, from model.json): {recipe(rs[m]['config'])}")
         lines.append("")
@@ -360,7 +367,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default=",".join(SUITE), help=f"comma-separated, of {','.join(SUITE)}")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {','.join(MODELS)}")
-    ap.add_argument("--minutes", type=float, default=10.0, help="bert4rec's wall-clock training budget")
+    ap.add_argument("--minutes", type=float, default=10.0, help="bert4rec's and sasrec's wall-clock training budget")
     ap.add_argument("--refit", choices=("on", "off"), default="on",
                     help="refit on training + validation items for test with the settings chosen on validation: the "
                          "peers here, ours by the library's own pretrain.refit (off sets it false)")
@@ -372,11 +379,16 @@ def main() -> None:
                          "in the row; the suite itself runs with none (use another --name)")
     ap.add_argument("--name", default="suite", help="results name: benchmarks/results/NAME.{md,json}")
     ap.add_argument("--render", action="store_true", help="rewrite NAME.md from NAME.json; run nothing")
+    ap.add_argument("--note", help="the conditions of the run, printed under the title (kept in NAME.json; with "
+                                   "--render, replaces the stored one)")
     args = ap.parse_args()
 
     final, partial = RESULTS / f"{args.name}.json", RESULTS / f"{args.name}.partial.json"
     if args.render:
         payload = json.loads(final.read_text())
+        if args.note is not None:
+            payload["note"] = args.note
+            final.write_text(json.dumps(payload, indent=2) + "\n")
         text = (RESULTS / f"{args.name}.md").read_text()
         header = text[: text.index(TITLE)] if TITLE in text else ""
         (RESULTS / f"{args.name}.md").write_text(header + markdown(payload))
@@ -439,7 +451,7 @@ def main() -> None:
                 + f" ({time.perf_counter() - t:.1f}s in all)")
     rank = {d: i for i, d in enumerate(SUITE)}
     state["rows"].sort(key=lambda r: (rank.get(r["dataset"], 99), MODELS.index(r["model"])))
-    payload = {**state, "settings": {"minutes": args.minutes, "refit": args.refit, "seed": args.seed,
+    payload = {**state, **({"note": args.note} if args.note else {}), "settings": {"minutes": args.minutes, "refit": args.refit, "seed": args.seed,
                                      "ease_max_items": args.ease_max_items},
                "protocol": "leave-last-out, full ranking, history excluded, every user; chosen on validation"}
     write_results(args.name, payload, markdown(payload))
