@@ -12,6 +12,9 @@
 
 `key=value` overrides address the stage's section (`min_user_events=5`) or the whole config
 (`ingest.min_user_events=5`).
+
+Each command imports its stage inside its handler: a command loads only what it runs (MLflow, FAISS,
+FastAPI and Prefect's client take seconds to import between them), so `ingest` or `--help` stay quick.
 """
 
 from __future__ import annotations
@@ -120,16 +123,37 @@ def _tracker(cfg: RunConfig, enabled: bool = True):
     return MLflowTracker(resolve_tracking_uri(cfg.pretrain.tracking_uri, cfg.data_dir))
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
+    from recsys_pretrain import distributed as dist  # torch.distributed: only for training
     from recsys_pretrain.train.pretrain import pretrain
 
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1 and not dist.launched():  # run this command again as N ranks under torchrun
+        return dist.launch(_without_nproc(args.argv), args.nproc)
     cfg, _ = _config(args, extra, "pretrain")
     pcfg = replace(cfg.pretrain, model=args.model, **({"resume": "never"} if args.restart else {}))
     if args.max_minutes is not None:
         mcfg = getattr(pcfg, args.model)
         pcfg = replace(pcfg, **{args.model: replace(mcfg, train=replace(mcfg.train, max_minutes=args.max_minutes))})
     out = Path(args.out or Path(cfg.data_dir) / "runs" / f"{args.model}-{Path(args.data).resolve().name}")
-    res = pretrain(args.data, pcfg, out, tracker=_tracker(cfg, not args.no_tracking))
+    dist.init_from_env()  # a rank of a --nproc or torchrun launch joins its group here
+    main = dist.is_main()
+    res = pretrain(args.data, pcfg, out, tracker=_tracker(cfg, not args.no_tracking) if main else None)
+    if not main:  # rank 0 reports
+        return 0
     print(json.dumps({"run_id": res.run_id, "model_dir": str(res.model_dir), "stopped": res.fit.stopped,
                       "best_epoch": res.fit.best_epoch, "train_seconds": round(res.fit.train_seconds, 1),
                       "valid": res.valid, "test": res.test, "popularity_test": res.popularity_test}, indent=2))
@@ -413,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget; the schedule spans the model's train.epochs (with "
                         "bert4rec.train.budget_horizon=true, the epochs the budget fits)")
     s.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
+    s.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel ranks on this machine: the command runs again under torchrun as N "
+                        "processes (gloo on CPU, NCCL on GPUs); rank 0 writes the outputs and the MLflow run")
     s.add_argument("--restart", action="store_true",
                    help="start anew even if --out holds a checkpoint (by default only a checkpoint of the same "
                         "config and data is resumed, and another run's is refused)")
@@ -507,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `--nproc` runs again under torchrun
     unknown_flags = [e for e in extra if e.startswith("-")]
     if unknown_flags:
         parser.error(f"unrecognised arguments: {' '.join(unknown_flags)}")

@@ -6,6 +6,7 @@ loudly with the list of valid ones, so a typo never passes silently.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -359,8 +360,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` strings (value parsed as YAML) onto a nested mapping, returning a new one."""
-    import copy
-
     out = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:

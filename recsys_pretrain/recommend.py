@@ -438,7 +438,7 @@ def load_item_categories(path: str | Path, vocab: Vocab) -> tuple[np.ndarray, li
 def pyfunc_reranker(model, column: str = "p_ctcvr") -> Reranker:
     """A Reranker over an MLflow pyfunc that scores a table of (user_id, item_id) raw-id pairs, returning
     either scores or a table (`column` is taken). An anonymous query (user None) gets NaN: no opinion."""
-    import pandas as pd
+    import pandas as pd  # installed with mlflow; only a pyfunc re-ranker needs it
 
     def rerank(users: list, candidates: list[list]) -> list[np.ndarray]:
         rows = [(u, i) for u, items in zip(users, candidates, strict=True) if u is not None for i in items]

@@ -63,7 +63,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
+import faiss
 import h11
+import uvicorn
 from fastapi import Body, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.encoders import jsonable_encoder
@@ -75,7 +77,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from recsys_pretrain import privacy
 from recsys_pretrain.config import ServeConfig
-from recsys_pretrain.recommend import Answer, Recommender
+from recsys_pretrain.recommend import Answer, Recommender, pyfunc_reranker
+from recsys_pretrain.registry import get_alias_version, load_pyfunc
 
 log = logging.getLogger(__name__)
 
@@ -814,9 +817,6 @@ RERANKER_DIR = "rerankers"  # in the download cache: one directory per loaded re
 
 def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict | None,
                    cache: str | Path | None = None):
-    from recsys_pretrain.recommend import pyfunc_reranker
-    from recsys_pretrain.registry import get_alias_version, load_pyfunc
-
     name, alias, version = trusted_reranker(cfg.reranker, cfg.trusted_reranker_names)
     if not tracking_uri:
         raise ValueError("serve.reranker: an MLflow model URI needs a tracking_uri")
@@ -885,8 +885,6 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
     alias = followed_alias(cfg)
 
     def alias_version() -> int | None:
-        from recsys_pretrain.registry import get_alias_version
-
         found = get_alias_version(alias[0], alias[1], tracking_uri)
         return None if found is None else int(found["version"])
 
@@ -908,8 +906,6 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
             shutil.rmtree(cache, ignore_errors=True)
 
     if cfg.faiss_threads > 0:
-        import faiss
-
         faiss.omp_set_num_threads(cfg.faiss_threads)
     def pending() -> str | None:
         if pointer is not None:
@@ -949,8 +945,6 @@ class UserIdRedactor(logging.Filter):
 
 
 def make_server(app: FastAPI, cfg: ServeConfig):
-    import uvicorn
-
     protocol = type("DeadlineH11Protocol", (_DeadlineH11Protocol,),
                     {"header_timeout_s": cfg.header_timeout_s, "body_timeout_s": cfg.body_timeout_s})
     server = uvicorn.Server(uvicorn.Config(

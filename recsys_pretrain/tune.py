@@ -38,8 +38,12 @@ import optuna
 import yaml
 
 from recsys_pretrain.config import ConfigError, PretrainConfig, RunConfig, TuneConfig, from_dict
+from recsys_pretrain.data.prepared import load_prepared
 from recsys_pretrain.io import OutputError, check_output, file_lock, write_json, write_text
 from recsys_pretrain.models import MODELS, model_class
+from recsys_pretrain.pyfunc import log_recommender
+from recsys_pretrain.tracking import NullTracker, redact_uri
+from recsys_pretrain.train.pretrain import pretrain
 
 log = logging.getLogger(__name__)
 
@@ -325,8 +329,6 @@ def best_config_yaml(cfg: RunConfig, best: PretrainConfig, header: str) -> str:
     """The YAML `load_config` reads to retrain the best trial: the whole pretrain section (so it does not
     depend on the code's defaults), the search that chose it, and the run's name and data_dir. Only these
     sections: the others hold nothing the model needs (and serve holds a secret)."""
-    from recsys_pretrain.tracking import redact_uri
-
     pre = dataclasses.asdict(best)
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     if pre["tracking_uri"] and redact_uri(pre["tracking_uri"]) != pre["tracking_uri"]:
@@ -382,11 +384,6 @@ def tune(prepared: str | Path, cfg: RunConfig, out_dir: str | Path, tracker=None
     """Search `cfg.tune.space` for `cfg.tune.model` on a prepared dataset, each trial `pretrain` with
     `cfg.pretrain` as the base config; write `out_dir/{best.yaml,tune.json,trials.csv}` and keep the best
     trial's model in `out_dir/trials/<n>/model`. Tracking as the module docstring says."""
-    from recsys_pretrain.data.prepared import load_prepared
-    from recsys_pretrain.pyfunc import log_recommender
-    from recsys_pretrain.tracking import NullTracker
-    from recsys_pretrain.train.pretrain import pretrain
-
     t_start = time.perf_counter()
     tracker = tracker or NullTracker()
     tcfg = cfg.tune

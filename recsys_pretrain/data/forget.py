@@ -34,6 +34,7 @@ from recsys_pretrain import schema as S
 from recsys_pretrain.config import IngestConfig, from_dict
 
 # _report: the ingest report's statistics, recomputed on the smaller data (one definition of them)
+from recsys_pretrain.data.formats import FORMATS
 from recsys_pretrain.data.ingest import PARQUET_COMPRESSION, _report, report_markdown, resolve_spec
 from recsys_pretrain.io import atomic_dir, file_lock, write_json, write_text
 from recsys_pretrain.vocab import Vocab
@@ -52,8 +53,6 @@ def _now() -> str:
 
 def _quarantine_user_columns(cfg: IngestConfig) -> list[str]:
     """Names the user column may have in the quarantine (the raw columns of the sources, as read)."""
-    from recsys_pretrain.data.formats import FORMATS
-
     names = {resolve_spec(cfg).columns.get(S.USER_ID)}
     if cfg.format == "movielens":  # its csv variant names the column userId
         names |= {"userId", FORMATS["movielens"].columns[S.USER_ID]}

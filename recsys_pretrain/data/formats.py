@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import csv
 import gzip
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -444,8 +445,6 @@ def _open_source(shown: Path, spec: FormatSpec, workdir: Path) -> Source:
         if not lines:
             raise IngestError(f"{shown}: empty file (only blank lines)")
         if kind == "ndjson":
-            import json
-
             try:
                 first = json.loads(lines[0])
             except json.JSONDecodeError as exc:

@@ -8,6 +8,7 @@ atomically: a failed run leaves the previous outputs untouched.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -536,8 +537,6 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig, force: 
             raise AssertionError(f"row accounting broken: {report}")  # a bug, never bad input
         write_json(stage / "report.json", report)
         write_text(stage / "report.md", report_markdown(report))
-        import shutil
-
         shutil.rmtree(work)
     return IngestResult(out_dir=Path(out), report=report)
 

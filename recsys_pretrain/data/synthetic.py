@@ -530,7 +530,7 @@ def write_synthetic(
                     df.write_csv(fh, include_header=n == 0)
                     tally(df)
         else:
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # only for Parquet output, which is rare
 
             writer = None
             try:

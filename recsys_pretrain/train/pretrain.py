@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from recsys_pretrain import distributed as dist
 from recsys_pretrain.checkpoint import build_model, save_model_dir, warm_start
 from recsys_pretrain.config import PretrainConfig, TrainConfig
 from recsys_pretrain.data.prepared import PreparedData, history_matrix, load_prepared
@@ -122,7 +123,7 @@ def training_curve(history: list[dict], title: str):
 class PretrainResult:
     run_id: str | None
     model_dir: Path
-    fit: FitResult
+    fit: FitResult | None  # None on a rank other than 0 of a closed-form model
     valid: dict[str, float]
     test: dict[str, float]
     popularity_test: dict[str, float]
@@ -140,19 +141,29 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
     """Train `cfg.model` on a prepared dataset; write `out_dir/{checkpoints,model}`; track the run.
     `on_epoch(epoch, history_row)` is called after each epoch (after its checkpoint is written).
     `init_from`: a trained model directory of the same architecture to warm-start from (items and users by
-    raw id, new ones fresh); the run then gets `cfg.warm_epoch_share` of the epoch budget."""
-    tracker = tracker or NullTracker()
+    raw id, new ones fresh); the run then gets `cfg.warm_epoch_share` of the epoch budget.
+
+    Under torchrun (recsys_pretrain/distributed.py) every rank trains its share of each batch in the one loop,
+    and rank 0 alone validates, tests, writes the model directory and tracks the run; the other ranks return a
+    result with the fit only. A closed-form model is solved by rank 0 alone."""
+    dist.init_from_env()
+    main = dist.is_main()
+    tracker = (tracker or NullTracker()) if main else NullTracker()
     data = load_prepared(prepared)
     given = cfg.model_config()
     cls = model_class(cfg.model)
     mcfg, recipe = resolve(cfg.model, given, data.train_seqs)
     for key, rule in recipe.items():
-        print(f"{cfg.model}.{key}: {rule}", file=sys.stderr)
+        if main:
+            print(f"{cfg.model}.{key}: {rule}", file=sys.stderr)
     tcfg = mcfg.train
     torch.manual_seed(tcfg.seed)
     model = build_model(cfg.model, mcfg, data.n_users, data.n_items)
     warm = None
     closed_form = cls.closed_form(mcfg)
+    if closed_form and not main:  # nothing to share: rank 0 solves it
+        return PretrainResult(run_id=None, model_dir=Path(out_dir) / "model", fit=None, valid={}, test={},
+                              popularity_test={}, seconds=0.0)
     if init_from is not None and closed_form:
         log.info("%s is solved in closed form: nothing to warm-start from %s", cfg.model, init_from)
     elif init_from is not None:
@@ -162,7 +173,8 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                                    eval_every=min(tcfg.eval_every, max(1, round(tcfg.epochs * share))),
                                    warmup_steps=round(tcfg.warmup_steps * share))
     out_dir = Path(out_dir)
-    check_output(out_dir / "model", inputs=[data.path] + ([init_from] if init_from is not None else []))
+    if main:
+        check_output(out_dir / "model", inputs=[data.path] + ([init_from] if init_from is not None else []))
     fingerprint = run_fingerprint(cfg.model, mcfg, tcfg, data, init_from)
     experiment = cfg.experiment or data.name
     run_name = run_name or f"{cfg.model}-{data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -200,12 +212,12 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
             task = cls.task(mcfg, data)
             # under a budget with a refit to come, the chosen model gets (1 - refit_share) of it
             budget = tcfg.max_minutes
-            main = tcfg if not (cfg.refit and budget) else dataclasses.replace(
+            first = tcfg if not (cfg.refit and budget) else dataclasses.replace(
                 tcfg, max_minutes=budget * (1 - cfg.refit_share))
-            result = fit(model, task, main, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch,
+            result = fit(model, task, first, validate, checkpoint_dir=out_dir / "checkpoints", on_epoch=log_epoch,
                          fingerprint=fingerprint, resume=cfg.resume)
-        valid = evaluate(model, data, "valid", tcfg.eval_batch_size)
-        test = evaluate(model, data, "test", tcfg.eval_batch_size)
+        valid = evaluate(model, data, "valid", tcfg.eval_batch_size) if main else {}
+        test = evaluate(model, data, "test", tcfg.eval_batch_size) if main else {}
         test_no_refit, refit_seconds = None, 0.0
         if cfg.refit:  # learn from the validation items too, then test once more
             t1 = time.perf_counter()
@@ -216,7 +228,10 @@ def pretrain(prepared: str | Path, cfg: PretrainConfig, out_dir: str | Path, tra
                 refit_loop(model, cfg.model, mcfg, data, tcfg, result, cfg.refit_share, left,
                            out_dir / "checkpoints" / "refit", fingerprint, cfg.resume)
             refit_seconds = time.perf_counter() - t1
-            test_no_refit, test = test, evaluate(model, data, "test", tcfg.eval_batch_size)
+            test_no_refit, test = test, evaluate(model, data, "test", tcfg.eval_batch_size) if main else {}
+        if not main:  # the other ranks have done their share of the training
+            return PretrainResult(run_id=None, model_dir=out_dir / "model", fit=result, valid={}, test={},
+                                  popularity_test={}, seconds=time.perf_counter() - t0)
         pop = evaluate_popularity(data, "test")
         final = {**{f"test/{k}": v for k, v in test.items()}, **{f"valid/{k}": v for k, v in valid.items()},
                  **{f"test/popularity_{k}": v for k, v in pop.items()},
