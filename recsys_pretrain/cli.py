@@ -151,10 +151,12 @@ def cmd_pretrain(args: argparse.Namespace, extra: list[str]) -> int:
     out = Path(args.out or Path(cfg.data_dir) / "runs" / f"{args.model}-{Path(args.data).resolve().name}")
     dist.init_from_env()  # a rank of a --nproc or torchrun launch joins its group here
     main = dist.is_main()
-    res = pretrain(args.data, pcfg, out, tracker=_tracker(cfg, not args.no_tracking) if main else None)
+    res = pretrain(args.data, pcfg, out, tracker=_tracker(cfg, not args.no_tracking) if main else None,
+                   run_name=args.run_name, parent_run_id=args.parent_run_id, init_from=args.init_from)
     if not main:  # rank 0 reports
         return 0
-    print(json.dumps({"run_id": res.run_id, "model_dir": str(res.model_dir), "stopped": res.fit.stopped,
+    print(json.dumps({"run_id": res.run_id, "model_uri": res.model_uri, "model_dir": str(res.model_dir),
+                      "seconds": round(res.seconds, 1), "stopped": res.fit.stopped,
                       "best_epoch": res.fit.best_epoch, "train_seconds": round(res.fit.train_seconds, 1),
                       "valid": res.valid, "test": res.test, "popularity_test": res.popularity_test}, indent=2))
     return 0
@@ -437,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training budget; the schedule spans the model's train.epochs (with "
                         "bert4rec.train.budget_horizon=true, the epochs the budget fits)")
     s.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
+    s.add_argument("--init-from", help="a trained model directory of the same architecture to warm-start from")
+    s.add_argument("--run-name", help="the MLflow run's name")
+    s.add_argument("--parent-run-id", help="an MLflow run to nest this one under")
     s.add_argument("--nproc", type=int, default=1,
                    help="data-parallel ranks on this machine: the command runs again under torchrun as N "
                         "processes (gloo on CPU, NCCL on GPUs); rank 0 writes the outputs and the MLflow run")

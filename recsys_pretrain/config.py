@@ -168,6 +168,9 @@ class FlowConfig:
     warm_start_min_overlap: float = 0.8
     full_retrain_every: int = 7  # 0 = never
     timezone: str = "UTC"
+    # data-parallel ranks per training run: > 1 runs each model's pretraining as `recsys-pretrain pretrain
+    # --nproc N` (torchrun on this machine; rank 0 writes and tracks)
+    nproc: int = 1
     gates: GateConfig = field(default_factory=GateConfig)
 
 

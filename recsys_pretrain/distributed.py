@@ -165,8 +165,12 @@ def launch(argv: Sequence[str], nproc: int, module: str = "recsys_pretrain.cli")
     rendezvous) and return its exit status. The CLI calls this for `--nproc N`, with `argv` its own arguments
     less that option; the workers see torchrun's environment (`launched()` is true there), so they train as
     ranks instead of launching again. Only rank 0 should write outputs (`is_main()`)."""
+    return subprocess.run(torchrun_command(argv, nproc, module), check=False).returncode
+
+
+def torchrun_command(argv: Sequence[str], nproc: int, module: str = "recsys_pretrain.cli") -> list[str]:
+    """The command line that runs `python -m <module> argv...` as `nproc` ranks on this machine."""
     if nproc < 1:
         raise ValueError(f"nproc must be at least 1, got {nproc}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", module, *argv]
-    return subprocess.run(cmd, check=False).returncode
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", module, *argv]

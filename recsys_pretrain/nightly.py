@@ -10,9 +10,11 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import polars as pl
+import yaml
 
 from recsys_pretrain.checkpoint import item_overlap, load_model_dir
 from recsys_pretrain.config import RunConfig, ServeConfig
@@ -22,10 +24,11 @@ from recsys_pretrain.data.labels import build_labels
 from recsys_pretrain.data.prepare import prepare
 from recsys_pretrain.data.prepared import load_prepared
 from recsys_pretrain.data.synthetic import write_synthetic
+from recsys_pretrain.distributed import torchrun_command
 from recsys_pretrain.evaluation import evaluate
 from recsys_pretrain.gates import GateResult, promotion_gate, quality_gate
 from recsys_pretrain.index import build_model_index
-from recsys_pretrain.io import file_lock, sha256_file, write_json
+from recsys_pretrain.io import file_lock, sha256_file, write_json, write_text
 from recsys_pretrain.models import model_class, resolve
 from recsys_pretrain.registry import (
     champion_trained_at,
@@ -123,10 +126,16 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
     out = root(cfg) / "runs" / f"{model}-{Path(prepared).name}{'-warm' if source else ''}"
     if (out / "model").exists():  # a finished run of the same data: train anew (an unfinished one resumes)
         shutil.rmtree(out)
-    res = pretrain(prepared, pcfg, out, tracker=tracker, parent_run_id=parent_run_id,
-                   run_name=f"{model} ({Path(prepared).name[:8]}{', warm start' if source else ''})",
-                   init_from=source)
-    set_run_tags(res.run_id, {"init_reason": why, **({"prefect_flow_run_id": flow_run_id} if flow_run_id else {})},
+    run_name = f"{model} ({Path(prepared).name[:8]}{', warm start' if source else ''})"
+    if cfg.flow.nproc > 1:
+        res = pretrain_ranks(prepared, dataclasses.replace(cfg, pretrain=pcfg), out, tracking_uri, parent_run_id,
+                             run_name, source)
+    else:
+        done = pretrain(prepared, pcfg, out, tracker=tracker, parent_run_id=parent_run_id, run_name=run_name,
+                        init_from=source)
+        res = {"run_id": done.run_id, "model_uri": done.model_uri, "model_dir": str(done.model_dir),
+               "test": done.test, "valid": done.valid, "seconds": done.seconds}
+    set_run_tags(res["run_id"], {"init_reason": why, **({"prefect_flow_run_id": flow_run_id} if flow_run_id else {})},
                  tracking_uri)
 
     def count_night(state: dict) -> None:
@@ -134,8 +143,37 @@ def pretrain_step(prepared: str, model: str, cfg: RunConfig, tracking_uri: str, 
         nights[model] = nights.get(model, 0) + 1
 
     update_state(cfg, count_night)
-    return {"run_id": res.run_id, "model_uri": res.model_uri, "model_dir": str(res.model_dir), "test": res.test,
-            "valid": res.valid, "seconds": res.seconds, "warm_start": source is not None, "init": why}
+    return {**res, "warm_start": source is not None, "init": why}
+
+
+def pretrain_ranks(prepared: str, cfg: RunConfig, out: Path, tracking_uri: str, parent_run_id: str | None,
+                   run_name: str, init_from: str | None) -> dict:
+    """`pretrain` as `cfg.flow.nproc` data-parallel ranks: the CLI under torchrun (distributed.launch's
+    command), with the run's pretrain section written beside `out` as the config it reads. What rank 0 reports."""
+    config = out.parent / f".{out.name}.pretrain.yaml"
+    section = dataclasses.replace(cfg.pretrain, tracking_uri=tracking_uri)
+    write_text(config, yaml.safe_dump({"name": cfg.name, "data_dir": cfg.data_dir, "pretrain": _plain(section)}))
+    argv = ["--config", str(config), "pretrain", "--model", cfg.pretrain.model, "--data", str(prepared),
+            "--out", str(out), "--run-name", run_name,
+            *(["--parent-run-id", parent_run_id] if parent_run_id else []),
+            *(["--init-from", str(init_from)] if init_from else [])]
+    done = subprocess.run(torchrun_command(argv, cfg.flow.nproc), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"pretraining {cfg.pretrain.model} on {cfg.flow.nproc} ranks failed "
+                           f"(exit {done.returncode}): {done.stderr[-2000:]}")
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    return {k: report[k] for k in ("run_id", "model_uri", "model_dir", "test", "valid", "seconds")}
+
+
+def _plain(obj):
+    """A config as YAML-safe values (tuples as lists)."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: str) -> tuple[str | None, str]:

@@ -173,3 +173,27 @@ def test_the_cli_trains_as_two_ranks_and_rank_0_alone_writes_and_tracks(tiny_pre
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [report["run_id"]]
+
+
+def test_the_nightly_pretrain_step_trains_through_the_launcher(tmp_path, monkeypatch):
+    """flow.nproc = 2: the flow's pretrain step runs `pretrain --nproc`'s torchrun command and returns what
+    rank 0 reports (one MLflow run, nested under the flow's parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    from recsys_pretrain import nightly as N
+    from recsys_pretrain.config import load_config
+    from recsys_pretrain.tracking import MLflowTracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                      [f"data_dir={tmp_path / 'data'}", "flow.nproc=2", "pretrain.bert4rec.dropout=0"])
+    prepared = N.prepare_step(N.ingest_step(N.synthesize_log(cfg), cfg), cfg)
+    tracker = MLflowTracker(uri)
+    with tracker.start_run("flows", "night") as parent:
+        res = N.pretrain_step(prepared, "bert4rec", cfg, uri, parent)
+    assert res["model_uri"] and Path(res["model_dir"], "model.json").exists() and res["test"]["users"] > 100
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.run_id for r in runs] == [res["run_id"]]
