@@ -9,17 +9,20 @@ CPU it forces the slow kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from recsys_pretrain.masking import append_mask, mask_items
 from recsys_pretrain.models.base import RecModel, TrainingData, pad_left
-from recsys_pretrain.models.sequential import Block, SequenceBatches, init_weights, popularity_sampler
+from recsys_pretrain.models.sequential import (
+    SequenceBatches,
+    init_encoder,
+    popularity_sampler,
+    run_encoder,
+    tied_output_loss,
+)
 from recsys_pretrain.recipes import sequence_recipe
 from recsys_pretrain.train_config import TrainConfig
 
@@ -91,20 +94,9 @@ class BERT4Rec(RecModel):
 
     def __init__(self, n_items: int, cfg: BERT4RecConfig):
         super().__init__()
-        if cfg.dim % cfg.n_heads:
-            raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
         self.cfg, self.n_items = cfg, n_items
         self.mask_token = n_items + 1
-        self.item = nn.Embedding(n_items + 2, cfg.dim, padding_idx=0)  # pad, items 1..n, mask
-        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layers)
-        )
-        self.ln = nn.LayerNorm(cfg.dim)
-        self.bias = nn.Parameter(torch.zeros(n_items + 2))
-        if cfg.init_std is not None:
-            self.apply(partial(init_weights, std=cfg.init_std))
+        init_encoder(self, n_items + 2, cfg)  # item rows: pad, items 1..n, [MASK]
 
     # ---- the contract ----------------------------------------------------------------------------------------
     @classmethod
@@ -142,14 +134,8 @@ class BERT4Rec(RecModel):
 
     # ---- the network ------------------------------------------------------------------------------------------
     def encode_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
-        """(B, T) left-padded item indices (T <= max_len) -> (B, T, d) contextual vectors."""
-        T = inputs.shape[1]
-        key_mask = (inputs != 0)[:, None, None, :]  # (B, 1, 1, T): attend to real positions only
-        pos = self.pos.weight[self.cfg.max_len - T :]  # right-aligned: the last column is always the newest
-        x = self.drop(self.item(inputs) + pos)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x, key_mask)
-        return self.ln(x)
+        """(B, T) left-padded item indices (T <= max_len) -> (B, T, d): every position sees every real item."""
+        return run_encoder(self, inputs, (inputs != 0)[:, None, None, :])  # mask (B, 1, 1, T)
 
     def forward(
         self, inputs: torch.Tensor, labels: torch.Tensor | None = None, negatives: torch.Tensor | None = None,
@@ -157,23 +143,10 @@ class BERT4Rec(RecModel):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs, labels (B, T); labels hold the item at masked positions and 0 elsewhere.
         Returns (logits at the masked positions, loss): the mean over masked positions, times `loss_scale`
-        if given. Full softmax over the catalogue by default; with `negatives` (K,) shared sampled items and
-        their log sampling probabilities, sampled softmax with logQ correction."""
+        if given; a full softmax over the catalogue, or sampled softmax with `negatives` (tied_output_loss).
+        Without labels: the logits at the last position."""
         h = self.encode_inputs(inputs)  # (B, T, d)
         if labels is None:
-            return self._logits(h[:, -1]), None
-        sel = labels != 0
-        h, y = h[sel], labels[sel]  # (N, d), (N,)
-        scale = 1.0 if loss_scale is None else loss_scale
-        if negatives is None:
-            logits = self._logits(h)  # (N, n_items) over items 1..n
-            return logits, F.cross_entropy(logits, y - 1) * scale
-        # Sampled softmax: the true item against K shared negatives, each logit corrected by -log q.
-        pos_logit = (h * self.item(y)).sum(-1) + self.bias[y]  # (N,)
-        neg_logit = h @ self.item(negatives).T + self.bias[negatives] - neg_logq  # (N, K)
-        neg_logit = neg_logit.masked_fill(negatives[None, :] == y[:, None], float("-inf"))  # no false negatives
-        logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # (N, 1 + K)
-        return logits, F.cross_entropy(logits, torch.zeros_like(y)) * scale
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.item.weight[1 : self.n_items + 1].T + self.bias[1 : self.n_items + 1]
+            n = self.n_items
+            return h[:, -1] @ self.item.weight[1 : n + 1].T + self.bias[1 : n + 1], None
+        return tied_output_loss(self, h, labels, negatives, neg_logq, loss_scale)

@@ -11,16 +11,19 @@ dot product with an item vector is the model's score.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from recsys_pretrain.models.base import RecModel, TrainingData, pad_left
-from recsys_pretrain.models.sequential import Block, SequenceBatches, init_weights, popularity_sampler
+from recsys_pretrain.models.sequential import (
+    SequenceBatches,
+    init_encoder,
+    popularity_sampler,
+    run_encoder,
+    tied_output_loss,
+)
 from recsys_pretrain.recipes import sequence_recipe
 from recsys_pretrain.train_config import TrainConfig
 
@@ -84,19 +87,8 @@ class SASRec(RecModel):
 
     def __init__(self, n_items: int, cfg: SASRecConfig):
         super().__init__()
-        if cfg.dim % cfg.n_heads:
-            raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
         self.cfg, self.n_items = cfg, n_items
-        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)  # pad, items 1..n
-        self.pos = nn.Embedding(cfg.max_len, cfg.dim)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layers)
-        )
-        self.ln = nn.LayerNorm(cfg.dim)
-        self.bias = nn.Parameter(torch.zeros(n_items + 1))
-        if cfg.init_std is not None:
-            self.apply(partial(init_weights, std=cfg.init_std))
+        init_encoder(self, n_items + 1, cfg)  # item rows: pad, items 1..n
 
     # ---- the contract ----------------------------------------------------------------------------------------
     @classmethod
@@ -134,34 +126,17 @@ class SASRec(RecModel):
         causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()  # (T, T)
         mask = causal & (inputs != 0)[:, None, None, :]  # (B, 1, T, T): real earlier items only
         mask = mask | torch.eye(T, dtype=torch.bool, device=inputs.device)  # and itself (a padding row sees one key)
-        pos = self.pos.weight[self.cfg.max_len - T :]  # right-aligned: the last column is always the newest
-        x = self.drop(self.item(inputs) + pos)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.ln(x)
+        return run_encoder(self, inputs, mask)
 
     def forward(
         self, inputs: torch.Tensor, labels: torch.Tensor | None = None, negatives: torch.Tensor | None = None,
         neg_logq: torch.Tensor | None = None, loss_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """inputs, labels (B, T); labels hold each position's next item and 0 where there is none.
-        Returns (logits at the trained positions, loss): the mean over them, times `loss_scale` if given.
-        Full softmax over the catalogue by default; with `negatives` (K,) shared sampled items and their log
-        sampling probabilities, sampled softmax with logQ correction."""
+        Returns (logits at the trained positions, loss): the mean over them, times `loss_scale` if given; a
+        full softmax over the catalogue, or sampled softmax with `negatives` (tied_output_loss). Without
+        labels: the logits at the last position."""
         h = self.encode_inputs(inputs)  # (B, T, d)
         if labels is None:
-            return self._logits(h[:, -1]), None
-        sel = labels != 0
-        h, y = h[sel], labels[sel]  # (N, d), (N,)
-        scale = 1.0 if loss_scale is None else loss_scale
-        if negatives is None:
-            logits = self._logits(h)  # (N, n_items) over items 1..n
-            return logits, F.cross_entropy(logits, y - 1) * scale
-        pos_logit = (h * self.item(y)).sum(-1) + self.bias[y]  # (N,)
-        neg_logit = h @ self.item(negatives).T + self.bias[negatives] - neg_logq  # (N, K)
-        neg_logit = neg_logit.masked_fill(negatives[None, :] == y[:, None], float("-inf"))  # no false negatives
-        logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # (N, 1 + K)
-        return logits, F.cross_entropy(logits, torch.zeros_like(y)) * scale
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.item.weight[1:].T + self.bias[1:]
+            return h[:, -1] @ self.item.weight[1:].T + self.bias[1:], None
+        return tied_output_loss(self, h, labels, negatives, neg_logq, loss_scale)

@@ -8,6 +8,7 @@ model's task subclasses it and says how a batch of windows becomes its forward's
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 
 import numpy as np
 import torch
@@ -48,6 +49,54 @@ def init_weights(module: nn.Module, std: float) -> None:
     if isinstance(module, nn.Embedding) and module.padding_idx is not None:
         with torch.no_grad():
             module.weight[module.padding_idx].zero_()
+
+
+def init_encoder(model: nn.Module, n_rows: int, cfg) -> None:
+    """Give a sequence model its layers, under the names every sequence model's weights use: `item` (n_rows
+    embeddings, row 0 padding), `pos` (max_len positions), `blocks`, `ln` and `bias` (the tied output's)."""
+    if cfg.dim % cfg.n_heads:
+        raise ValueError(f"dim {cfg.dim} is not divisible by n_heads {cfg.n_heads}")
+    model.item = nn.Embedding(n_rows, cfg.dim, padding_idx=0)
+    model.pos = nn.Embedding(cfg.max_len, cfg.dim)
+    model.drop = nn.Dropout(cfg.dropout)
+    model.blocks = nn.ModuleList(
+        Block(cfg.dim, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.attn_dropout) for _ in range(cfg.n_layers)
+    )
+    model.ln = nn.LayerNorm(cfg.dim)
+    model.bias = nn.Parameter(torch.zeros(n_rows))
+    if cfg.init_std is not None:
+        model.apply(partial(init_weights, std=cfg.init_std))
+
+
+def run_encoder(model: nn.Module, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) left-padded item indices (T <= max_len) -> (B, T, d) through `init_encoder`'s layers, positions
+    right-aligned (the last column is always the newest), attention limited by `mask`."""
+    pos = model.pos.weight[model.cfg.max_len - inputs.shape[1] :]
+    x = model.drop(model.item(inputs) + pos)  # (B, T, d)
+    for block in model.blocks:
+        x = block(x, mask)
+    return model.ln(x)
+
+
+def tied_output_loss(model: nn.Module, h: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor | None,
+                     neg_logq: torch.Tensor | None, loss_scale: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (B, T, d), labels (B, T) with the target item where a position is trained and 0 elsewhere ->
+    (logits at the trained positions, their mean cross-entropy times `loss_scale`). The output layer is the
+    item table plus `bias` (items 1..n_items): a full softmax over the catalogue, or with `negatives` (K,)
+    shared sampled items and their log sampling probabilities, sampled softmax with logQ correction."""
+    n = model.n_items
+    sel = labels != 0
+    h, y = h[sel], labels[sel]  # (N, d), (N,)
+    scale = 1.0 if loss_scale is None else loss_scale
+    if negatives is None:
+        logits = h @ model.item.weight[1 : n + 1].T + model.bias[1 : n + 1]  # (N, n_items)
+        return logits, F.cross_entropy(logits, y - 1) * scale
+    pos_logit = (h * model.item(y)).sum(-1) + model.bias[y]  # (N,)
+    neg_logit = h @ model.item(negatives).T + model.bias[negatives] - neg_logq  # (N, K)
+    neg_logit = neg_logit.masked_fill(negatives[None, :] == y[:, None], float("-inf"))  # no false negatives
+    logits = torch.cat([pos_logit[:, None], neg_logit], dim=1)  # (N, 1 + K)
+    return logits, F.cross_entropy(logits, torch.zeros_like(y)) * scale
 
 
 class SequenceBatches:
