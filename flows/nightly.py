@@ -12,11 +12,12 @@ import hashlib
 import json
 import sys
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
+from prefect_dask import DaskTaskRunner
 
 from recsys_pretrain import nightly as N
 from recsys_pretrain.config import RunConfig, load_config
@@ -49,6 +50,41 @@ def synthesize(cfg: RunConfig) -> list[str]:
 @task(**IO_RETRIES, timeout_seconds=1800, cache_key_fn=_ingest_key, persist_result=True)
 def ingest(inputs: list[str], cfg: RunConfig) -> str:
     return N.ingest_step(inputs, cfg)
+
+
+@task(**IO_RETRIES, timeout_seconds=1800)
+def ingest_partition(day: str, files: list[str], cfg: RunConfig) -> dict:
+    return N.ingest_partition_step(day, files, cfg)
+
+
+@task(timeout_seconds=1800)
+def combine_partitions(cfg: RunConfig) -> str:
+    return N.combine_partitions_step(cfg)
+
+
+def dask_runner(cfg: RunConfig) -> DaskTaskRunner:
+    """The cluster at `flow.dask_address`, else a LocalCluster started for the flow run (and closed after)."""
+    if cfg.flow.dask_address:
+        return DaskTaskRunner(address=cfg.flow.dask_address)
+    kwargs: dict = {"processes": cfg.flow.dask_processes}
+    if cfg.flow.dask_workers:
+        kwargs.update(n_workers=cfg.flow.dask_workers, threads_per_worker=1)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+@flow(name="ingest-partitions", log_prints=True, validate_parameters=False)
+def ingest_partitions(inputs: list[str], cfg: RunConfig) -> dict:
+    """Ingest the days not ingested yet (new or changed), one task a day on the Dask task runner, then append
+    the vocabulary and combine the training window into one ingested directory."""
+    todo = N.plan_partitions_step(inputs, cfg)
+    futures = ingest_partition.map(list(todo), list(todo.values()), unmapped(cfg))
+    days = [f.result() for f in futures]
+    return {"ingested": combine_partitions(cfg), "days": days}
+
+
+def ingest_partitioned(inputs: list[str], cfg: RunConfig) -> dict:
+    """`ingest_partitions` as a sub-flow on the configured Dask task runner."""
+    return ingest_partitions.with_options(task_runner=dask_runner(cfg))(N.daily_inputs(inputs, cfg), cfg)
 
 
 @task(timeout_seconds=300)
@@ -95,7 +131,12 @@ def nightly(config: str = "configs/default.yaml", overrides: list[str] | None = 
                            description="nightly flow: one parent run, a nested run per stage") as parent:
         result["mlflow_run_id"] = parent
         inputs = list(cfg.flow.inputs) or synthesize(cfg)
-        ingested = ingest(inputs, cfg)
+        if cfg.flow.partitioned:  # only new or changed days, fanned out on Dask
+            partitioned = ingest_partitioned(inputs, cfg)
+            ingested = partitioned["ingested"]
+            result["partitions"] = partitioned["days"]
+        else:
+            ingested = ingest(inputs, cfg)
         gate = quality(ingested, cfg)
         tracker.log_metrics({f"quality/{k}": v for k, v in gate["figures"].items()}, step=0)
         if not gate["passed"]:

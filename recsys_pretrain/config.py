@@ -172,6 +172,16 @@ class FlowConfig:
     # --nproc N` (torchrun on this machine; rank 0 writes and tracks)
     nproc: int = 1
     gates: GateConfig = field(default_factory=GateConfig)
+    # Partitioned, incremental ingest (recsys_pretrain/data/partitions.py): inputs grouped by day (a
+    # `date=YYYY-MM-DD` folder or a YYYY-MM-DD in the file name) are ingested into hive partitions under
+    # data/<name>/partitions; a night ingests only new or changed days, fanned out on Dask, and the vocabulary
+    # is append-only. Off = the monolithic ingest of every input each night.
+    partitioned: bool = False
+    dask_address: str | None = None  # an existing Dask scheduler ("tcp://host:8786"); None = a LocalCluster
+    dask_workers: int | None = None  # LocalCluster workers (None = Dask's default)
+    dask_processes: bool = True  # LocalCluster workers as processes (False = threads of the flow's process)
+    retention_days: int | None = None  # train on the last N days of partitions only (None = all)
+    retention_delete: bool = False  # also delete partitions older than the window (else kept on disk)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import yaml
 
 from recsys_pretrain.checkpoint import item_overlap, load_model_dir
 from recsys_pretrain.config import RunConfig, ServeConfig
+from recsys_pretrain.data import partitions as P
 from recsys_pretrain.data.forget import forget_pending
 from recsys_pretrain.data.ingest import ingest
 from recsys_pretrain.data.labels import build_labels
@@ -68,6 +69,55 @@ def synthesize_log(cfg: RunConfig) -> list[str]:
 def ingest_step(inputs: list[str], cfg: RunConfig) -> str:
     out = root(cfg) / "ingested" / content_hash(inputs)[:16]
     ingest(inputs, out, cfg.ingest)
+    return str(out)
+
+
+# ---- partitioned, incremental ingest (flow.partitioned) ----------------------------------------------------
+def partition_store(cfg: RunConfig) -> Path:
+    return root(cfg) / "partitions"
+
+
+def daily_inputs(inputs: list[str], cfg: RunConfig) -> list[str]:
+    """Inputs as days: files that name their day are kept; the generated log (no day in its name) is split
+    into one file a day under raw/daily (once)."""
+    out = []
+    for p in inputs:
+        try:
+            P.day_of(p)
+            out.append(p)
+        except P.IngestError:
+            daily = root(cfg) / "raw" / "daily" / Path(p).stem
+            done = daily / "DONE.json"
+            if not done.exists():
+                write_json(done, {"files": P.split_by_day(p, daily), "source": str(p)})
+            out += json.loads(done.read_text())["files"]
+    return out
+
+
+def plan_partitions_step(inputs: list[str], cfg: RunConfig) -> dict[str, list[str]]:
+    """The days among tonight's inputs not ingested as they are now (new or changed): {day: files}."""
+    P.open_store(partition_store(cfg), inputs)
+    return P.plan(inputs, partition_store(cfg), cfg.ingest)
+
+
+def ingest_partition_step(day: str, files: list[str], cfg: RunConfig) -> dict:
+    """One day into its partitions; returns its report (small: counts and file names)."""
+    state = P.ingest_partition(day, files, partition_store(cfg), cfg.ingest)
+    return {"day": day, "skipped": state["skipped"], "seconds": state["seconds"], **{
+        k: state["report"][k] for k in ("rows_read", "rows_accepted", "rows_quarantined", "rows_duplicate")}}
+
+
+def combine_partitions_step(cfg: RunConfig) -> str:
+    """Append tonight's new ids to the vocabulary, apply retention, and write the training window as an
+    ingested directory (ingested/<window key>), the input of the quality gate, prepare and fine-tuning."""
+    store = partition_store(cfg)
+    P.update_vocab(store, P.resolve_spec(cfg.ingest).id_type)
+    if cfg.flow.retention_delete:
+        P.drop_old(store, cfg.flow.retention_days)
+    days = P.window(store, cfg.flow.retention_days)
+    out = root(cfg) / "ingested" / ("p-" + P.window_key(store, days, cfg.ingest)[:14])
+    if not (out / "report.json").exists():
+        P.combine(store, out, cfg.ingest, days)
     return str(out)
 
 

@@ -1,7 +1,9 @@
 """Raw id <-> dense index for users and items. The padding and mask indices are owned here alone.
 
 Items: PAD = 0, real items 1..n_items, MASK = n_items + 1 (so an embedding table has n_items + 2 rows).
-Users: 0..n_users - 1. Raw ids keep the type they were given (int or str) and are stored sorted.
+Users: 0..n_users - 1. Raw ids keep the type they were given (int or str) and are stored sorted, except
+in an append-only vocabulary (`Vocab.extend`, the partitioned nightly ingest): there every id keeps the
+index it was first given, and ids new on a night are appended (sorted among themselves) after the old ones.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ PAD = 0
 
 @dataclass(frozen=True)
 class Vocab:
-    users: pl.Series  # raw user ids, sorted; position = user index
-    items: pl.Series  # raw item ids, sorted; position + 1 = item index
+    users: pl.Series  # raw user ids, sorted (or append-only: see `extend`); position = user index
+    items: pl.Series  # raw item ids, sorted (or append-only: see `extend`); position + 1 = item index
 
     @property
     def n_users(self) -> int:
@@ -47,6 +49,19 @@ class Vocab:
     @classmethod
     def from_ids(cls, users: pl.Series, items: pl.Series) -> Vocab:
         return cls(users=users.unique().sort().rename("user_id"), items=items.unique().sort().rename("item_id"))
+
+    def extend(self, users: pl.Series, items: pl.Series) -> Vocab:
+        """This vocabulary with the ids of `users` and `items` it does not know appended (sorted among
+        themselves): every known id keeps its index, so indices stay valid across nights."""
+        new_users = users.unique().filter(~users.unique().is_in(self.users.implode())).sort()
+        new_items = items.unique().filter(~items.unique().is_in(self.items.implode())).sort()
+        return Vocab(users=pl.concat([self.users, new_users.cast(self.users.dtype)]).rename("user_id"),
+                     items=pl.concat([self.items, new_items.cast(self.items.dtype)]).rename("item_id"))
+
+    @classmethod
+    def empty(cls, id_type: str = "str") -> Vocab:
+        dtype = pl.Int64 if id_type == "int" else pl.String
+        return cls(users=pl.Series("user_id", [], dtype=dtype), items=pl.Series("item_id", [], dtype=dtype))
 
     # ---- lookups: vectorised binary search over the sorted ids -------------------------------------
     def user_index(self, raw: pl.Series | list, strict: bool = True) -> np.ndarray:
@@ -103,6 +118,13 @@ def _lookup(ids: pl.Series, raw: pl.Series | list, offset: int, strict: bool, ki
         if strict:
             raise KeyError(f"{kind} ids {raw.head(5).to_list()} are not of type {ids.dtype}") from None
         return np.full(len(raw), -1, dtype=np.int64)
+    if not ids.is_sorted():  # an append-only vocabulary: search a sorted copy, map back to the positions
+        order = ids.arg_sort()
+        found_at = _lookup(ids.gather(order), raw, 0, strict, kind)
+        out = np.full(len(found_at), -1, dtype=np.int64)
+        ok = found_at >= 0
+        out[ok] = order.to_numpy()[found_at[ok]] + offset
+        return out
     pos = ids.search_sorted(raw).to_numpy().astype(np.int64)  # insertion points into the sorted ids
     found = pos < len(ids)
     found[found] = ids.gather(pos[found]).to_numpy() == raw.filter(pl.Series(found)).to_numpy()
