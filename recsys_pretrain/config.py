@@ -195,6 +195,25 @@ class IndexConfig:
     # the L2 reduction reached recall@10/@100 0.95 at nprobe 4 (p99 0.3 ms); HNSW32 needed efSearch 1536
     # (p99 5 ms). The full 1M run is the reference.
     auto_factory: str = "IVF{nlist},Flat"
+    # auto above this many items: compressed codes, added in parallel shards and merged into on-disk inverted
+    # lists (index.build_sharded_index), re-ranked exactly from the memory-mapped item vectors. Up to it, an
+    # IVF-Flat index holds 4 d + 8 bytes per item in RAM (0.5 GB at 2M x 64 d) and one process adds it in
+    # minutes; at 10M x 64 d the PQ codes take 33 + 8 bytes per item (benchmarks/results/index_10m.md).
+    auto_compressed_min_items: int = 2_000_000
+    # "{pq}" = ceil(index dim / pq_dims) PQ sub-quantizers of 8 bits (the index dim is the model's, +1 for the
+    # l2 reduction, padded with zero columns to a multiple of the PQ's sub-quantizer count)
+    auto_compressed_factory: str = "IVF{nlist},PQ{pq}"
+    pq_dims: int = 2  # dimensions per PQ byte in "{pq}": 2 = 4 bits per dimension (64 d: 33 bytes per item)
+    # FAISS candidates fetched per requested result and re-ranked by the exact inner product from the stored
+    # float32 vectors. 0 = auto: 1 for exact codes (Flat, IVF-Flat, HNSW), 10 for compressed codes (PQ, SQ),
+    # whose own ranking is approximate.
+    refine_factor: int = 0
+    # Sharded build: items split in `shards` contiguous ranges, each added to a copy of the trained (empty)
+    # index in its own process, then merged with faiss.contrib.ondisk.merge_ondisk. 0 = auto: one shard per
+    # `shard_items` above auto_compressed_min_items, else 1 (the in-memory build).
+    shards: int = 0
+    shard_items: int = 2_500_000
+    shard_workers: int = 0  # processes adding shards at once; 0 = min(shards, cores)
     # How an approximate index searches by inner product. ip: directly | l2: reduced to L2 nearest
     # neighbour by one extra coordinate. Measured (tests/test_index.py, benchmarks/index.py): HNSW over
     # raw inner products stays below 0.95 recall@100 however large efSearch (0.74 on the tests' data,
@@ -202,7 +221,7 @@ class IndexConfig:
     # Exact Flat always searches by inner product.
     mips: str = "l2"
     ef_construction: int = 100  # HNSW graph quality; build time grows with it (efSearch is tuned after)
-    train_size: int = 262_144  # items sampled to train IVF centroids / codebooks
+    train_size: int = 262_144  # items sampled to train IVF centroids / PQ / SQ codebooks (the train sample)
     target_recall: float = 0.95  # recall against exact search that efSearch / nprobe is tuned to reach
     tune_ks: tuple[int, ...] = (10, 100)  # ... at each of these k (serving over-fetches past 10)
     search_param: int | None = None  # a fixed efSearch / nprobe instead of tuning
