@@ -75,10 +75,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from recsys_pretrain import privacy
+from recsys_pretrain import privacy, registry
 from recsys_pretrain.config import ServeConfig
 from recsys_pretrain.recommend import Answer, Recommender, pyfunc_reranker
-from recsys_pretrain.registry import get_alias_version, load_pyfunc
 
 log = logging.getLogger(__name__)
 
@@ -821,7 +820,7 @@ def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict |
     if not tracking_uri:
         raise ValueError("serve.reranker: an MLflow model URI needs a tracking_uri")
     if alias is not None:
-        found = get_alias_version(name, alias, tracking_uri)
+        found = registry.get_alias_version(name, alias, tracking_uri)
         if found is None:
             raise FileNotFoundError(f"serve.reranker: no registered model {name!r} with alias {alias!r}")
         version = str(found["version"])
@@ -839,7 +838,7 @@ def _load_reranker(cfg: ServeConfig, tracking_uri: str | None, rerankers: dict |
         dst = Path(tempfile.mkdtemp(prefix="recsys-reranker-"))
     try:
         # the version itself, not the alias: what was checked is what is loaded, even if the alias moves now
-        reranker = pyfunc_reranker(load_pyfunc(f"models:/{name}/{version}", tracking_uri, dst_path=dst),
+        reranker = pyfunc_reranker(registry.load_pyfunc(f"models:/{name}/{version}", tracking_uri, dst_path=dst),
                                    cfg.reranker_column)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
@@ -885,7 +884,7 @@ def make_holder(cfg: ServeConfig, tracking_uri: str | None = None) -> Recommende
     alias = followed_alias(cfg)
 
     def alias_version() -> int | None:
-        found = get_alias_version(alias[0], alias[1], tracking_uri)
+        found = registry.get_alias_version(alias[0], alias[1], tracking_uri)
         return None if found is None else int(found["version"])
 
     def load() -> Recommender:
