@@ -452,6 +452,18 @@ def _refuse_repeated_inputs(inputs: list[str | Path]) -> None:
         seen[key] = p
 
 
+def pseudonymise_quarantine(quarantine: pl.LazyFrame, sources: list, user_key: bytes, id_type: str) -> pl.LazyFrame:
+    """Privacy for a quarantine: its raw user column holds the tokens too, and so does its other raw text
+    wherever it may hold other rows' ids: every field of a malformed row or one with extra fields, and any
+    value spanning lines (an open quote swallowed later rows)."""
+    user_columns = sorted({s.spec.columns[S.USER_ID] for s in sources if S.USER_ID in s.spec.columns})
+    quarantine = privacy.pseudonymise_columns(quarantine, user_columns, user_key, id_type)
+    keep = {S.SOURCE_FILE, S.SOURCE_ROW, S.REASON, "field", *user_columns}
+    text_columns = [c for c, t in quarantine.collect_schema().items() if c not in keep and t == pl.String]
+    broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
+    return privacy.pseudonymise_raw_text(quarantine, text_columns, user_key, broken, id_type)
+
+
 def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig, force: bool = False) -> IngestResult:
     """Ingest `inputs` (all of one format) into `out`. See the module docstring for the outputs.
     `out` may not hold an input; an existing `out` is replaced only if this project wrote it, or `force`."""
@@ -519,15 +531,8 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig, force: 
             if quarantine_parts
             else pl.LazyFrame(schema={S.SOURCE_FILE: pl.String, S.SOURCE_ROW: pl.UInt64, S.REASON: pl.String})
         )
-        if user_key is not None:  # privacy: the quarantine's raw user column holds the tokens too
-            user_columns = sorted({s.spec.columns[S.USER_ID] for s in sources if S.USER_ID in s.spec.columns})
-            quarantine = privacy.pseudonymise_columns(quarantine, user_columns, user_key, spec.id_type)
-            # ... and its other raw text wherever it may hold other rows' ids: every field of a malformed row
-            # or one with extra fields, and any value spanning lines (an open quote swallowed later rows)
-            keep = {S.SOURCE_FILE, S.SOURCE_ROW, S.REASON, "field", *user_columns}
-            text_columns = [c for c, t in quarantine.collect_schema().items() if c not in keep and t == pl.String]
-            broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
-            quarantine = privacy.pseudonymise_raw_text(quarantine, text_columns, user_key, broken, spec.id_type)
+        if user_key is not None:
+            quarantine = pseudonymise_quarantine(quarantine, sources, user_key, spec.id_type)
         quarantine.sink_parquet(stage / "quarantine.parquet", engine="streaming")
 
         report = _report(stage, cfg, per_file, rows_read, n_dup, kcore, vocab, has_time, inputs)

@@ -49,6 +49,7 @@ from recsys_pretrain.data.ingest import (
     _refuse_repeated_inputs,
     _report,
     _split_valid_invalid,
+    pseudonymise_quarantine,
     report_markdown,
     resolve_spec,
 )
@@ -202,12 +203,7 @@ def ingest_partition(day: str, files: list[str | Path], store: str | Path, cfg: 
         parts = [pl.scan_parquet(work / f"bad-{i:05d}.parquet") for i in range(len(sources))]
         quarantine = pl.concat(parts, how="diagonal_relaxed")
         if user_key is not None:  # as `ingest` does: tokens wherever a raw user id may sit
-            user_columns = sorted({s.spec.columns[S.USER_ID] for s in sources if S.USER_ID in s.spec.columns})
-            quarantine = privacy.pseudonymise_columns(quarantine, user_columns, user_key, spec.id_type)
-            keep = {S.SOURCE_FILE, S.SOURCE_ROW, S.REASON, "field", *user_columns}
-            text_columns = [c for c, t in quarantine.collect_schema().items() if c not in keep and t == pl.String]
-            broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
-            quarantine = privacy.pseudonymise_raw_text(quarantine, text_columns, user_key, broken, spec.id_type)
+            quarantine = pseudonymise_quarantine(quarantine, sources, user_key, spec.id_type)
         with atomic_path(quarantine_path(store, day)) as tmp:
             quarantine.sink_parquet(tmp, engine="streaming")
 
