@@ -512,6 +512,22 @@ def build_index(vectors: np.ndarray, vocab: Vocab, cfg: IndexConfig, queries: np
     index.add_with_ids(stored, np.arange(1, n + 1, dtype=np.int64))  # labels = vocabulary item indices
     build_s = time.perf_counter() - t0
     meta = {
+        **_meta(cfg, factory, model, mips, max_norm, d, int(stored.shape[1]), n, sha256_array(vectors), index),
+        "memory": memory_per_item(index, d),
+        "build": {"seconds": build_s, "rss_delta_mib": _rss_mib() - rss0,
+                  "ef_construction": cfg.ef_construction if hasattr(inner, "hnsw") else None,
+                  "train_size": train_size, "threads": faiss.omp_get_max_threads(), "seed": cfg.seed},
+        "search": {"param": search_knob(index), "value": get_search_param(index)},
+    }
+    item_index = ItemIndex(index, vectors, vocab, meta)
+    _measure(item_index, queries, cfg, tune_knob=not exact)
+    return item_index
+
+
+def _meta(cfg: IndexConfig, factory: str, model: dict | None, mips: str, max_norm: float, d: int, index_dim: int,
+          n: int, sha: str, index: faiss.Index) -> dict:
+    """What every index.json records, however the index was built."""
+    return {
         "format_version": FORMAT_VERSION,
         "faiss_version": faiss.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -522,19 +538,11 @@ def build_index(vectors: np.ndarray, vocab: Vocab, cfg: IndexConfig, queries: np
         "mips": mips,
         "max_norm": max_norm,
         "dim": d,
-        "index_dim": int(stored.shape[1]),
+        "index_dim": index_dim,
         "n_items": n,
-        "embeddings_sha256": sha256_array(vectors),
+        "embeddings_sha256": sha,
         "refine_factor": _refine_factor(cfg, index),
-        "memory": memory_per_item(index, d),
-        "build": {"seconds": build_s, "rss_delta_mib": _rss_mib() - rss0,
-                  "ef_construction": cfg.ef_construction if hasattr(inner, "hnsw") else None,
-                  "train_size": train_size, "threads": faiss.omp_get_max_threads(), "seed": cfg.seed},
-        "search": {"param": search_knob(index), "value": get_search_param(index)},
     }
-    item_index = ItemIndex(index, vectors, vocab, meta)
-    _measure(item_index, queries, cfg, tune_knob=not exact)
-    return item_index
 
 
 def _validate(cfg: IndexConfig, n: int, vocab: Vocab) -> None:
@@ -734,21 +742,8 @@ def build_sharded_index(vectors: np.ndarray | str | Path, vocab: Vocab, cfg: Ind
 
         index = faiss.read_index(str(stage / INDEX_FILE), ONDISK_READ_FLAGS)  # as the service will read it
         meta = {
-            "format_version": FORMAT_VERSION,
-            "faiss_version": faiss.__version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": model or {},
-            "factory": cfg.factory,
-            "resolved_factory": factory,
-            "metric": "inner_product",
-            "mips": mips,
-            "max_norm": max_norm,
-            "dim": d,
-            "index_dim": index_dim,
-            "n_items": n,
-            "embeddings_sha256": sha,
+            **_meta(cfg, factory, model, mips, max_norm, d, index_dim, n, sha, index),
             "ivfdata": IVFDATA_FILE,
-            "refine_factor": _refine_factor(cfg, index),
             "build": {"seconds": time.perf_counter() - t0, "copy_seconds": copy_s, "train_seconds": train_s,
                       "add_seconds": add_s, "merge_seconds": merge_s, "n_shards": n_shards, "workers": workers,
                       "threads_per_worker": max(1, threads // workers), "shards": shards,
