@@ -12,6 +12,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "benchmarks" / ".cache"  # generated inputs; ignored by git
@@ -85,3 +87,14 @@ def now() -> float:
 
 
 __all__ = ["CACHE", "DATASETS", "RESULTS", "ROOT", "machine", "now", "resource", "run_child", "write_results"]
+
+
+def cluster_centres(rng: np.random.Generator, n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic embedding structure for index benchmarks: (centres (C, d - 1) of clusters in a low-rank
+    subspace, the clusters' sampling probabilities, uneven), C = max(8, n / 500)."""
+    n_clusters, rank = max(8, n // 500), 16
+    basis = rng.standard_normal((rank, d - 1)) / np.sqrt(rank)
+    centres = rng.standard_normal((n_clusters, rank)) @ basis  # (C, d-1)
+    centres += 0.3 * rng.standard_normal(centres.shape) / np.sqrt(d - 1)
+    mass = rng.lognormal(0, 1.0, n_clusters)  # uneven cluster sizes
+    return centres, mass / mass.sum()

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, run_child, write_results  # noqa: E402
+from _common import CACHE, cluster_centres, run_child, write_results  # noqa: E402
 
 # name -> (factory, mips, nlist-independent extra IndexConfig fields)
 VARIANTS = {
@@ -47,12 +47,9 @@ def structured(n: int, d: int, n_queries: int, seed: int = 0) -> tuple[np.ndarra
     """Items (n, d) and user queries (n_queries, d) shaped like trained embeddings; the last coordinate is
     the item bias (log popularity) and a constant 1 in the queries, as in the model directory."""
     rng = np.random.default_rng(seed)
-    n_clusters, rank = max(8, n // 500), 16
-    basis = rng.standard_normal((rank, d - 1)) / np.sqrt(rank)
-    centres = rng.standard_normal((n_clusters, rank)) @ basis  # (C, d-1): clusters in a low-rank subspace
-    centres += 0.3 * rng.standard_normal(centres.shape) / np.sqrt(d - 1)
-    mass = rng.lognormal(0, 1.0, n_clusters)  # uneven cluster sizes
-    cluster = rng.choice(n_clusters, n, p=mass / mass.sum())
+    centres, p = cluster_centres(rng, n, d)  # clusters in a low-rank subspace, uneven sizes
+    n_clusters = len(centres)
+    cluster = rng.choice(n_clusters, n, p=p)
     pop = rng.zipf(1.2, n).clip(max=100_000).astype(np.float64)  # per-item popularity, heavy-tailed
     items = np.empty((n, d), np.float32)
     for lo in range(0, n, 200_000):  # chunks keep the float64 temporaries small
@@ -61,7 +58,7 @@ def structured(n: int, d: int, n_queries: int, seed: int = 0) -> tuple[np.ndarra
         x *= (1.0 + 0.15 * np.log(pop[lo:hi]))[:, None]  # popular items have longer vectors
         items[lo:hi, :-1] = x
         items[lo:hi, -1] = 0.3 * np.log(pop[lo:hi])
-    qc = rng.choice(n_clusters, n_queries, p=mass / mass.sum())  # users sit near popular clusters
+    qc = rng.choice(n_clusters, n_queries, p=p)  # users sit near popular clusters
     users = np.empty((n_queries, d), np.float32)
     users[:, :-1] = centres[qc] + 0.7 * rng.standard_normal((n_queries, d - 1)) / np.sqrt(d - 1) * 4
     users[:, -1] = 1.0

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, write_results  # noqa: E402
+from _common import ROOT, cluster_centres, write_results  # noqa: E402
 
 TARGET_RECALL, TARGET_P99_MS, TARGET_BYTES, TARGET_BUILD_S = 0.95, 5.0, 64, 30 * 60
 CHUNK = 500_000
@@ -52,12 +52,8 @@ MAX_CANDIDATES_100 = 2_000  # recall@100 re-ranks at most this many candidates (
 def generate(tmp: Path, n: int, d: int, n_tune: int, n_test: int, seed: int = 0) -> dict:
     """items.npy (n, d) written a chunk at a time into a memory map; tune.npy, test.npy queries."""
     rng = np.random.default_rng(seed)
-    n_clusters, rank = max(8, n // 500), 16
-    basis = rng.standard_normal((rank, d - 1)) / np.sqrt(rank)
-    centres = rng.standard_normal((n_clusters, rank)) @ basis  # (C, d-1): clusters in a low-rank subspace
-    centres += 0.3 * rng.standard_normal(centres.shape) / np.sqrt(d - 1)
-    mass = rng.lognormal(0, 1.0, n_clusters)  # uneven cluster sizes
-    p = mass / mass.sum()
+    centres, p = cluster_centres(rng, n, d)  # clusters in a low-rank subspace, uneven sizes
+    n_clusters = len(centres)
     items = np.lib.format.open_memmap(tmp / "items.npy", mode="w+", dtype=np.float32, shape=(n, d))
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
