@@ -6,7 +6,7 @@
     recsys-pretrain index MODEL --out data/index [key=value ...]
     recsys-pretrain recommend --model MODEL [--index DIR] (--user U | --history i1,i2 | --similar I) -k 10
     recsys-pretrain serve --model MODEL [--index DIR] [--host 127.0.0.1] [--port 8000]
-    recsys-pretrain forget INGESTED_DIR --user ID [--user ID ...] [--key-env VAR | --key-file F]
+    recsys-pretrain forget DIR [DIR ...] --user ID [--user ID ...] [--key-env VAR | --key-file F]
     recsys-pretrain tune --model bert4rec --data data/prepared --minutes 30 [--trials N] [--out DIR] [key=value ...]
     recsys-pretrain run [--config configs/default.yaml] [key=value ...]
 
@@ -339,6 +339,7 @@ def _add_key_options(s: argparse.ArgumentParser) -> None:
 def cmd_forget(args: argparse.Namespace, extra: list[str]) -> int:
     """Remove users' rows from ingested directories; the next nightly run then retrains from scratch."""
     from recsys_pretrain.data.forget import forget
+    from recsys_pretrain.data.partitions import STATE, forget_store
 
     cfg, dirs = _config(args, list(args.data) + extra, "ingest")
     users = list(args.user or [])
@@ -349,8 +350,8 @@ def cmd_forget(args: argparse.Namespace, extra: list[str]) -> int:
     if not dirs:
         raise ConfigError("forget: no ingested directory given")
     key = _user_key(args, cfg)
-    for d in dirs:
-        res = forget(d, users, key=key)
+    for d in dirs:  # a partition store (flow.partitioned) or an ingested directory
+        res = forget_store(d, users, cfg.ingest, key=key) if (Path(d) / STATE).is_dir() else forget(d, users, key=key)
         missing = len(res["not_found"])
         if not res["changed"]:
             print(f"{d}: nothing removed: it holds no rows of the {len(users)} user(s) given")
@@ -507,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("forget", help="remove users' rows from ingested data (the next nightly run retrains "
                                       "from scratch)")
-    s.add_argument("data", nargs="+", help="ingested directories, then key=value")
+    s.add_argument("data", nargs="+", help="ingested directories or partition stores, then key=value")
     s.add_argument("--user", action="append", help="a raw user id (repeat for several)")
     s.add_argument("--users-file", help="a file of raw user ids, one per line")
     _add_key_options(s)

@@ -384,8 +384,12 @@ class _IdMap:
     def __init__(self, ids: pl.Series, offset: int):
         self.offset = offset
         self.as_int = ids.dtype == pl.Int64
-        self.ids = ids.to_numpy() if self.as_int else np.array(ids.to_list(), dtype=object)  # sorted
         self._dict = None
+        if ids.null_count():  # the null slots of forgotten users (an append-only vocabulary): a dict
+            self.ids = np.array(ids.to_list(), dtype=object)
+            self._dict = {v: i for i, v in enumerate(self.ids.tolist()) if v is not None}
+            return
+        self.ids = ids.to_numpy() if self.as_int else np.array(ids.to_list(), dtype=object)  # sorted
         if len(self.ids) > 1 and not (self.ids[:-1] < self.ids[1:]).all():  # Polars' and Python's orders differ
             self._dict = {v: i for i, v in enumerate(self.ids.tolist())}
 

@@ -3,7 +3,8 @@
 Items: PAD = 0, real items 1..n_items, MASK = n_items + 1 (so an embedding table has n_items + 2 rows).
 Users: 0..n_users - 1. Raw ids keep the type they were given (int or str) and are stored sorted, except
 in an append-only vocabulary (`Vocab.extend`, the partitioned nightly ingest): there every id keeps the
-index it was first given, and ids new on a night are appended (sorted among themselves) after the old ones.
+index it was first given, and ids new on a night are appended (sorted among themselves) after the old ones;
+a user forgotten from it leaves a null in its slot (no id, and no other user moves).
 """
 
 from __future__ import annotations
@@ -118,8 +119,12 @@ def _lookup(ids: pl.Series, raw: pl.Series | list, offset: int, strict: bool, ki
         if strict:
             raise KeyError(f"{kind} ids {raw.head(5).to_list()} are not of type {ids.dtype}") from None
         return np.full(len(raw), -1, dtype=np.int64)
-    if not ids.is_sorted():  # an append-only vocabulary: search a sorted copy, map back to the positions
+    if ids.null_count() or not ids.is_sorted():
+        # an append-only vocabulary (its forgotten users' slots are null): search a sorted copy of its ids,
+        # map back to the positions
         order = ids.arg_sort()
+        if ids.null_count():
+            order = order.filter(ids.gather(order).is_not_null())
         found_at = _lookup(ids.gather(order), raw, 0, strict, kind)
         out = np.full(len(found_at), -1, dtype=np.int64)
         ok = found_at >= 0

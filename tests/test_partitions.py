@@ -221,3 +221,69 @@ def test_the_flow_maps_days_on_a_dask_local_cluster(days, tmp_path, monkeypatch)
     prepared = N.prepare_step(second["ingested"], cfg)
     assert (Path(prepared) / "loo.parquet").exists()
     assert os.path.basename(second["ingested"]).startswith("p-")
+
+
+def test_forget_reaches_every_partition_and_the_next_window(days, tmp_path, capsys):
+    from recsys_pretrain.cli import main
+    from recsys_pretrain.data.forget import last_forget, read_marker
+
+    store = tmp_path / "store"
+    _ingest_nights(days, store)
+    all_days = P.window(store)
+    key1 = P.window_key(store, all_days, CFG)
+    P.combine(store, tmp_path / "before", CFG)
+    before = pl.read_parquet(tmp_path / "before" / "events.parquet")
+    vocab = Vocab.load(store / "vocab.json")
+    user = 3  # has events on several days and a quarantined row (event type "teleport") on day 3
+    mine = {d: pl.read_parquet(P.events_path(store, d)).filter(pl.col(S.USER_ID) == user).height for d in all_days}
+    assert sum(n > 0 for n in mine.values()) >= 2
+    states = P.read_states(store)
+
+    res = P.forget_store(store, [str(user), "no-such-user"], CFG)
+    assert (res["users_found"], res["not_found"], res["changed"]) == (1, [1], True)
+    assert res["events_removed"] == sum(mine.values()) and res["quarantine_removed"] == 1
+    for d in all_days:
+        ev, q = pl.read_parquet(P.events_path(store, d)), pl.read_parquet(P.quarantine_path(store, d))
+        assert user not in ev[S.USER_ID].to_list() and str(user) not in q["user_id"].to_list()
+        rep = P.read_states(store)[d]["report"]
+        assert rep["rows_read"] == states[d]["report"]["rows_read"]  # accounting whole: moved, not lost
+        assert rep["rows_read"] == (rep["rows_accepted"] + rep["rows_quarantined"] + rep["rows_duplicate"]
+                                    + rep.get("rows_forgotten", 0))
+        assert (rep["rows_accepted"], rep["rows_quarantined"]) == (ev.height, q.height)
+    assert P.plan(days, store, CFG) == {}  # the days are not ingested again from the raw logs
+    after = Vocab.load(store / "vocab.json")
+    slot = int(vocab.user_index([user])[0])
+    assert after.n_users == vocab.n_users and after.users[slot] is None  # the slot stays, the id is gone
+    others = [u for u in vocab.users.to_list() if u != user]
+    assert (after.user_index(others) == vocab.user_index(others)).all()  # no other user moved
+    assert after.users.drop_nulls().equals(vocab.users.filter(vocab.users != user))
+
+    # the next combine is a new window without the user, carrying the marker (the flow trains from scratch)
+    key2 = P.window_key(store, all_days, CFG)
+    assert key2 != key1
+    rep = P.combine(store, tmp_path / "after", CFG)
+    ev = pl.read_parquet(tmp_path / "after" / "events.parquet")
+    assert ev.select(RAW).equals(before.filter(pl.col(S.USER_ID) != user).select(RAW))
+    assert rep["rows_forgotten"] == res["events_removed"] + res["quarantine_removed"]
+    assert rep["rows_read"] == rep["rows_accepted"] + rep["rows_quarantined"] + rep["rows_duplicate"] + rep["rows_forgotten"]
+    assert read_marker(tmp_path / "after")["generation"] == 1 and last_forget(tmp_path / "after") is not None
+    assert (after.user_ids(ev[S.USER_IDX].to_numpy()) == ev[S.USER_ID].to_list())
+    prepare(tmp_path / "after", tmp_path / "prepared", PrepareConfig())
+
+    assert P.forget_store(store, [str(user)], CFG)["changed"] is False  # nothing left to remove
+    # a later day whose raw log still holds the user brings them back, under a new index
+    late = tmp_path / "raw" / "date=2030-01-01" / "events.csv"
+    late.parent.mkdir(parents=True)
+    header = Path(days[0]).read_text().splitlines()[0]
+    late.write_text(f"{header}\n{user},5,1893456000,click,,,\n")
+    _ingest_nights([*days, str(late)], store)
+    assert int(P.load_vocab(store, "int").user_index([user])[0]) == vocab.n_users  # appended
+
+    # the CLI forgets from the store and from a window combined before, in one call
+    other = int(ev[S.USER_ID][0])
+    assert main(["forget", str(store), str(tmp_path / "before"), "--user", str(other),
+                 "format=generic", "id_type=int"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("forgot 1 user(s)") == 2
+    assert other not in pl.read_parquet(tmp_path / "before" / "events.parquet")[S.USER_ID].to_list()
+    assert all(other not in pl.read_parquet(P.events_path(store, d))[S.USER_ID].to_list() for d in P.window(store))

@@ -59,6 +59,53 @@ def _quarantine_user_columns(cfg: IngestConfig) -> list[str]:
     return sorted(n for n in names if n)
 
 
+def _stored_ids(user_ids: list, key: bytes | None, id_type: str) -> list:
+    """Each requested user as the data stores it: a token, or the canonical raw id (None: no id at all)."""
+    stored = [privacy.canonical_id(x, id_type) for x in user_ids]
+    if key is not None:
+        stored = [None if t is None else privacy.token(t, key) for t in stored]
+    return stored
+
+
+def _typed(stored: list, dtype: pl.DataType) -> list:
+    """`stored` as values of a user-id column of `dtype`: text that is no integer cannot be an integer id."""
+    if dtype == pl.String:
+        return list(stored)
+    return [int(v) if v is not None and v.lstrip("+-").isdigit() else None for v in stored]
+
+
+def _quarantine_hits(q: pl.LazyFrame, cfg: IngestConfig, stored: list, key: bytes | None) -> tuple[pl.Expr, set]:
+    """The rows of quarantine `q` that hold one of the `stored` users in their user column (pseudonymised
+    data: also broken rows holding one of the tokens in another column), as a filter expression; and which
+    of the users were found there."""
+    q_cols = [c for c in _quarantine_user_columns(cfg) if c in q.collect_schema().names()]
+    wanted = sorted({s for s in stored if s is not None})
+    if not (q_cols and wanted):
+        return pl.lit(False), set()
+    id_type = resolve_spec(cfg).id_type
+    q_user = [pl.col(c) if key else privacy.canonical_id_expr(pl.col(c), id_type) for c in q_cols]
+    if key is not None:
+        # a broken row's other fields hold tokens too (ingest hashed them): one may be the user's own id,
+        # shifted into another column by extra fields
+        schema = q.collect_schema()
+        others = [c for c, t in schema.items() if t == pl.String and c not in q_cols
+                  and c not in (S.SOURCE_FILE, S.REASON, "field")]
+        broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
+        q_user += [pl.when(broken).then(pl.col(c)) for c in others]
+    in_q = pl.any_horizontal([u.is_in(wanted) for u in q_user]).fill_null(False)
+    hits = q.filter(in_q).select(pl.concat_list(q_user).alias("u")).collect()["u"].explode()
+    return in_q, set(hits.drop_nulls().to_list())
+
+
+def _check_key(where: Path, user_ids_note: str, key: bytes | None) -> None:
+    pseudonymised = user_ids_note != "raw"
+    if pseudonymised and key is None:
+        raise privacy.PrivacyError(f"{where}: user ids are pseudonymised ({user_ids_note}); give the key it was "
+                                   "ingested with (--key-env / --key-file) to forget raw ids")
+    if not pseudonymised and key is not None:
+        raise privacy.PrivacyError(f"{where}: user ids are not pseudonymised; forget them without a key")
+
+
 def forget(ingested_dir: str | Path, user_ids: Sequence, key: bytes | None = None) -> dict:
     """Remove `user_ids` (raw ids; hashed with `key` when the directory was ingested with one) from
     `ingested_dir`. Returns counts, never ids: `users_found`, `events_removed`, `quarantine_removed`,
@@ -80,25 +127,13 @@ def forget(ingested_dir: str | Path, user_ids: Sequence, key: bytes | None = Non
 
 def _forget_locked(d: Path, user_ids: list, key: bytes | None) -> dict:
     report = json.loads((d / "report.json").read_text())
-    pseudonymised = report.get("user_ids", "raw") != "raw"
-    if pseudonymised and key is None:
-        raise privacy.PrivacyError(f"{d}: user ids are pseudonymised ({report['user_ids']}); give the key it was "
-                                   "ingested with (--key-env / --key-file) to forget raw ids")
-    if not pseudonymised and key is not None:
-        raise privacy.PrivacyError(f"{d}: user ids are not pseudonymised; forget them without a key")
+    _check_key(d, report.get("user_ids", "raw"), key)
     cfg = from_dict(IngestConfig, report["config"])
     vocab = Vocab.load(d / "vocab.json")
-    id_type = resolve_spec(cfg).id_type
-    # Each requested user as the data stores it: a token, or the canonical raw id (None: no id at all).
-    stored = [privacy.canonical_id(x, id_type) for x in user_ids]
-    if key is not None:
-        stored = [None if t is None else privacy.token(t, key) for t in stored]
+    stored = _stored_ids(user_ids, key, resolve_spec(cfg).id_type)
 
     # Events: each user's index in the vocabulary (-1: none).
-    if vocab.users.dtype == pl.String:
-        vals = stored
-    else:  # integer ids: text that is no integer cannot be among them
-        vals = [int(v) if v is not None and v.lstrip("+-").isdigit() else None for v in stored]
+    vals = _typed(stored, vocab.users.dtype)
     ok = [i for i, v in enumerate(vals) if v is not None]
     pos = np.full(len(stored), -1, dtype=np.int64)
     if ok:
@@ -107,22 +142,7 @@ def _forget_locked(d: Path, user_ids: list, key: bytes | None) -> dict:
 
     # Quarantine: rows whose user column holds one of them (as tokens when pseudonymised).
     q = pl.scan_parquet(d / "quarantine.parquet")
-    q_cols = [c for c in _quarantine_user_columns(cfg) if c in q.collect_schema().names()]
-    wanted = sorted({s for s in stored if s is not None})
-    in_q, in_quarantine = pl.lit(False), set()
-    if q_cols and wanted:
-        q_user = [pl.col(c) if key else privacy.canonical_id_expr(pl.col(c), id_type) for c in q_cols]
-        if key is not None:
-            # a broken row's other fields hold tokens too (ingest hashed them): one may be the user's own id,
-            # shifted into another column by extra fields
-            schema = q.collect_schema()
-            others = [c for c, t in schema.items() if t == pl.String and c not in q_cols
-                      and c not in (S.SOURCE_FILE, S.REASON, "field")]
-            broken = pl.col(S.REASON).is_in(list(privacy.BROKEN_ROW_REASONS))
-            q_user += [pl.when(broken).then(pl.col(c)) for c in others]
-        in_q = pl.any_horizontal([u.is_in(wanted) for u in q_user]).fill_null(False)
-        hits = q.filter(in_q).select(pl.concat_list(q_user).alias("u")).collect()["u"].explode()
-        in_quarantine = set(hits.drop_nulls().to_list())
+    in_q, in_quarantine = _quarantine_hits(q, cfg, stored, key)
 
     hit = [s is not None and (p >= 0 or s in in_quarantine) for s, p in zip(stored, pos, strict=True)]
     found = len({s for s, h in zip(stored, hit, strict=True) if h})

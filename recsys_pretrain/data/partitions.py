@@ -42,6 +42,16 @@ import polars as pl
 from recsys_pretrain import privacy
 from recsys_pretrain import schema as S
 from recsys_pretrain.config import IngestConfig
+from recsys_pretrain.data.forget import MARKER as FORGOTTEN
+from recsys_pretrain.data.forget import (
+    _check_key,
+    _marker,
+    _quarantine_hits,
+    _stored_ids,
+    _typed,
+    forgotten_markdown,
+    read_marker,
+)
 from recsys_pretrain.data.formats import IngestError, open_source
 from recsys_pretrain.data.ingest import (
     _FILE,
@@ -306,6 +316,89 @@ def drop_old(store: str | Path, retention_days: int | None) -> list[str]:
     return gone
 
 
+# ---- forgetting users -------------------------------------------------------------------------------------
+def forget_store(store: str | Path, user_ids: list, cfg: IngestConfig, key: bytes | None = None) -> dict:
+    """Remove `user_ids` (raw ids; hashed with `key` when the store was ingested with one) from every
+    partition of `store`: their events and quarantined rows (as `forget` finds them in an ingested
+    directory), each day's files replaced by one rename, its state's counts moved to `rows_forgotten`
+    (rows_read == rows_accepted + rows_quarantined + rows_duplicate + rows_forgotten per day). Their
+    vocabulary entries become null: indices are forever, so the slot stays and no id is left in it. The
+    store's FORGOTTEN.json (written before any day is rewritten) changes the window key, so the next
+    combine writes a new window, which carries the marker: the flow then trains from scratch.
+
+    Days ingested later from raw logs that still hold the users bring them back (under a new index): purge
+    the raw logs at their source too. Windows combined before the forget still hold the users; forget them
+    with `forget` (the CLI takes the store and the ingested windows in one call). Returns counts, never ids,
+    as `forget` does, with `days_rewritten`."""
+    store = Path(store)
+    states = read_states(store)
+    if not states:
+        raise FileNotFoundError(f"{store}: no ingested days; forget_store works on a partition store")
+    user_ids = list(user_ids)
+    if not user_ids:
+        raise ValueError("forget: no user ids given")
+    for day, state in states.items():
+        _check_key(_state_path(store, day), state["report"].get("user_ids", "raw"), key)
+    stored = _stored_ids(user_ids, key, resolve_spec(cfg).id_type)
+    # a combine reads the days under this lock too: it never mixes days from before and after a forget
+    with file_lock(store / ".forget.lock"), file_lock(store / ".vocab.lock"):
+        states = read_states(store)
+        dtype = pl.scan_parquet(events_path(store, next(iter(states)))).collect_schema()[S.USER_ID]
+        typed = _typed(stored, dtype)  # as the events' user column holds them
+        wanted = pl.Series([v for v in typed if v is not None], dtype=dtype)
+        in_ev = pl.col(S.USER_ID).is_in(wanted.implode())
+        todo, in_events, in_quarantine = {}, set(), set()
+        for day in states:
+            ev = pl.scan_parquet(events_path(store, day))
+            found = ev.filter(in_ev).group_by(S.USER_ID).len().collect()
+            q = pl.scan_parquet(quarantine_path(store, day))
+            in_q, q_found = _quarantine_hits(q, cfg, stored, key)
+            n_q = q.filter(in_q).select(pl.len()).collect().item()
+            in_events |= set(found[S.USER_ID].to_list())
+            in_quarantine |= q_found
+            if found.height or n_q:
+                todo[day] = (ev, int(found["len"].sum()) if found.height else 0, q, in_q, n_q)
+        hit = [(t is not None and t in in_events) or (s is not None and s in in_quarantine)
+               for s, t in zip(stored, typed, strict=True)]
+        result = {"dir": str(store), "users_requested": len(user_ids),
+                  "users_found": len({s for s, h in zip(stored, hit, strict=True) if h}),
+                  "not_found": [i for i, h in enumerate(hit) if not h],
+                  "events_removed": sum(t[1] for t in todo.values()),
+                  "quarantine_removed": sum(t[4] for t in todo.values()),
+                  "items_dropped": 0, "days_rewritten": sorted(todo), "changed": bool(todo)}
+        if not todo:
+            return result
+        marker = _marker(store, result)
+        write_json(store / FORGOTTEN, marker)  # first: from here on no night warm-starts from older weights
+
+        for day, (ev, n_ev, q, in_q, n_q) in todo.items():
+            with atomic_path(events_path(store, day)) as tmp:
+                ev.filter(~in_ev).sink_parquet(tmp, compression=PARQUET_COMPRESSION)
+            with atomic_path(quarantine_path(store, day)) as tmp:
+                q.filter(~in_q).sink_parquet(tmp)
+            state = states[day]
+            rep = state["report"]
+            by_reason = (pl.scan_parquet(quarantine_path(store, day)).group_by(S.REASON).len()
+                         .sort("len", descending=True).collect())
+            rep.update(rows_accepted=rep["rows_accepted"] - n_ev, rows_quarantined=rep["rows_quarantined"] - n_q,
+                       rows_forgotten=rep.get("rows_forgotten", 0) + n_ev + n_q,
+                       quarantine_by_reason=dict(zip(by_reason[S.REASON].to_list(), by_reason["len"].to_list(),
+                                                     strict=True)))
+            if rep["rows_read"] != (rep["rows_accepted"] + rep["rows_quarantined"] + rep["rows_duplicate"]
+                                    + rep["rows_forgotten"]):
+                raise AssertionError(f"forget: row accounting broken for {day}")  # a bug
+            state["forgotten"] = marker["generation"]
+            write_json(_state_path(store, day), state)
+
+        vocab_path = store / "vocab.json"
+        if vocab_path.exists() and in_events:
+            vocab = Vocab.load(vocab_path)
+            idx = vocab.user_index(pl.Series(sorted(in_events), dtype=vocab.users.dtype), strict=False)
+            users = vocab.users.scatter(idx[idx >= 0], None)
+            Vocab(users=users, items=vocab.items).save(vocab_path)
+    return result
+
+
 # ---- across partitions ------------------------------------------------------------------------------------
 def scan_events(store: str | Path, days: list[str]) -> pl.LazyFrame:
     """The window's events, lazily: the hive partitions of `days` (with their `date` column), in day order,
@@ -359,8 +452,13 @@ def combine(store: str | Path, out: str | Path, cfg: IngestConfig, days: list[st
     of up to `in_memory_rows` events is held in memory, a larger one goes one user range of about
     `partition_rows` events at a time (memory bounded by the range, plus 24 bytes an event for k-core).
     Returns its report (rows_read == rows_accepted + rows_quarantined + rows_duplicate over the window)."""
-    t0 = time.perf_counter()
     store = Path(store)
+    with file_lock(store / ".forget.lock"):  # never a window of days from before and after a forget
+        return _combine(store, out, cfg, days, force)
+
+
+def _combine(store: Path, out: str | Path, cfg: IngestConfig, days: list[str] | None, force: bool) -> dict:
+    t0 = time.perf_counter()
     states = read_states(store)
     days = list(states) if days is None else list(days)
     missing = [d for d in days if d not in states]
@@ -372,6 +470,7 @@ def combine(store: str | Path, out: str | Path, cfg: IngestConfig, days: list[st
     per_file = [f for d in days for f in states[d]["report"]["files"]]
     rows_read = sum(states[d]["report"]["rows_read"] for d in days)
     dup_within = sum(states[d]["report"]["rows_duplicate"] for d in days)
+    forgotten = sum(states[d]["report"].get("rows_forgotten", 0) for d in days)
     n_rows = sum(states[d]["report"]["rows_accepted"] for d in days)
     has_time = all(states[d]["report"]["has_timestamps"] for d in days)
     users = pl.DataFrame({S.USER_ID: vocab.users, S.USER_IDX: pl.int_range(vocab.n_users, dtype=pl.UInt32, eager=True)})
@@ -423,10 +522,17 @@ def combine(store: str | Path, out: str | Path, cfg: IngestConfig, days: list[st
         report.update(partitions=days, rows_duplicate_across_partitions=dup_across, user_ranges=len(ranges),
                       seconds=round(time.perf_counter() - t0, 3),
                       user_ids=states[days[0]]["report"].get("user_ids", "raw"))
-        if report["rows_read"] != report["rows_accepted"] + report["rows_quarantined"] + report["rows_duplicate"]:
+        marker = read_marker(store)
+        if forgotten or marker:
+            report["rows_forgotten"] = forgotten
+        if marker:  # the flow reads it here: no warm start from weights trained before the forget
+            report["forgotten"] = {k: v for k, v in marker.items() if k != "version"}
+            write_json(stage / FORGOTTEN, marker)
+        if report["rows_read"] != (report["rows_accepted"] + report["rows_quarantined"] + report["rows_duplicate"]
+                                   + report.get("rows_forgotten", 0)):
             raise AssertionError(f"row accounting broken: {report}")
         write_json(stage / "report.json", report)
-        (stage / "report.md").write_text(report_markdown(report))
+        (stage / "report.md").write_text(report_markdown(report) + forgotten_markdown(report))
     return report
 
 
@@ -449,6 +555,9 @@ def window_key(store: str | Path, days: list[str], cfg: IngestConfig) -> str:
     states = read_states(store)
     h = hashlib.sha256(json.dumps([[d, states[d]["hash"]] for d in days]).encode())
     h.update(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
+    marker = read_marker(store)
+    if marker:  # a forget rewrote days: a new window
+        h.update(f"forgotten {marker['generation']}".encode())
     return h.hexdigest()
 
 
