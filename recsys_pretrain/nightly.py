@@ -115,10 +115,7 @@ def combine_partitions_step(cfg: RunConfig) -> str:
     if cfg.flow.retention_delete:
         P.drop_old(store, cfg.flow.retention_days)
     days = P.window(store, cfg.flow.retention_days)
-    out = root(cfg) / "ingested" / ("p-" + P.window_key(store, days, cfg.ingest)[:14])
-    if not (out / "report.json").exists():
-        P.combine(store, out, cfg.ingest, days)
-    return str(out)
+    return str(P.combined_window(store, root(cfg) / "ingested", cfg.ingest, days))
 
 
 def _model_cache(cfg: RunConfig) -> Path:
@@ -236,7 +233,8 @@ def warm_start_source(model: str, prepared: str, cfg: RunConfig, tracking_uri: s
     champ = get_alias_version(f"{cfg.flow.registry_prefix}-{model}", "champion", tracking_uri)
     if champ is None:
         return None, "from scratch: no champion to start from"
-    forgotten = forget_pending(root(cfg) / "ingested", champion_trained_at(champ["run_id"], tracking_uri))
+    sources = [root(cfg) / "ingested", *([partition_store(cfg)] if cfg.flow.partitioned else [])]
+    forgotten = forget_pending(sources, champion_trained_at(champ["run_id"], tracking_uri))
     if forgotten:  # the champion learnt from users who have since been forgotten: nothing of it is kept
         return None, forgotten
     night = read_state(cfg).get("trained_nights", {}).get(model, 0) + 1
@@ -401,7 +399,7 @@ def where_things_are(cfg: RunConfig, tracking_uri: str, sample_k: int = 5) -> st
     pointer = root(cfg) / "serving" / "current.json"
     if pointer.exists():
         rec = load_recommender(ServeConfig(index=str(pointer)), tracking_uri)
-        user = rec.vocab.users[0]
+        user = rec.vocab.users.drop_nulls()[0]  # (a forgotten user's slot is null)
         answer = rec.recommend([user], sample_k)[0]
         lines += ["", f"Sample answer: `recsys-pretrain recommend --index {pointer} --user {user} -k {sample_k}`", "", "| rank | item_id | score |", "|---:|---|---:|"]
         lines += [f"| {r} | {i} | {s:.4f} |" for r, (i, s) in enumerate(zip(answer.ids, answer.scores, strict=True), 1)]

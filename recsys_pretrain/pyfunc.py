@@ -68,8 +68,9 @@ class RankerScorer(mlflow.pyfunc.PythonModel):
 def scorer_input_example(model_dir: str | Path, n: int = 3) -> pd.DataFrame:
     """A few (user_id, item_id) raw-id pairs from the model's vocab, for the signature."""
     vocab = Vocab.load(Path(model_dir) / "vocab.json")
-    k = min(n, vocab.n_users, vocab.n_items)
-    return pd.DataFrame({"user_id": vocab.users.head(k).to_list(), "item_id": vocab.items.head(k).to_list()})
+    users = vocab.users.drop_nulls()  # (a forgotten user's slot is null)
+    k = min(n, len(users), vocab.n_items)
+    return pd.DataFrame({"user_id": users.head(k).to_list(), "item_id": vocab.items.head(k).to_list()})
 
 
 def log_recommender(tracker: Tracker, model_dir: str | Path, name: str = "model",

@@ -119,6 +119,13 @@ def _lookup(ids: pl.Series, raw: pl.Series | list, offset: int, strict: bool, ki
         if strict:
             raise KeyError(f"{kind} ids {raw.head(5).to_list()} are not of type {ids.dtype}") from None
         return np.full(len(raw), -1, dtype=np.int64)
+    if raw.null_count():  # no id (a forgotten user's slot): never found; the others exactly (not as floats)
+        if strict:
+            raise KeyError(f"{kind} ids include nulls")
+        present = raw.is_not_null().to_numpy()
+        out = np.full(len(raw), -1, dtype=np.int64)
+        out[present] = _lookup(ids, raw.drop_nulls(), offset, strict, kind)
+        return out
     if ids.null_count() or not ids.is_sorted():
         # an append-only vocabulary (its forgotten users' slots are null): search a sorted copy of its ids,
         # map back to the positions

@@ -193,6 +193,18 @@ def test_budget_stops_training(tmp_path):
     assert res.stopped == "budget" and res.epochs_run < 1000 and res.best_metrics
 
 
+
+def test_patience_is_not_spent_during_the_warm_up():
+    """A validation that never improves stops a run `patience` validations after the warm-up, not inside it."""
+    data = _chain_data(n_users=30)  # 30 users at batch 8: 4 steps an epoch
+    for warmup, first_counted in ((0, 2), (40, 10)):  # the first worse validation counted; 40 steps = epoch 10
+        worse = iter(range(1, 10**6))
+        tcfg = TrainConfig(epochs=100, batch_size=8, warmup_steps=warmup, patience=3, eval_every=1, progress=False)
+        res = fit(BERT4Rec(data.n_items, TINY_B4R), MaskedItemTask(data.train_seqs, TINY_B4R, data.n_items, 8), tcfg,
+                  lambda m, worse=worse: {"ndcg_at_10": 1.0 / next(worse)})
+        assert res.stopped == "early_stopping" and res.best_epoch == 1
+        assert res.epochs_run == first_counted + 2  # the 1st validation is the best; 3 worse ones counted after
+
 def test_budget_horizon_decays_the_learning_rate_within_the_budget():
     data = _chain_data(n_users=30)
     lrs = {}

@@ -287,3 +287,43 @@ def test_forget_reaches_every_partition_and_the_next_window(days, tmp_path, caps
     assert out.count("forgot 1 user(s)") == 2
     assert other not in pl.read_parquet(tmp_path / "before" / "events.parquet")[S.USER_ID].to_list()
     assert all(other not in pl.read_parquet(P.events_path(store, d))[S.USER_ID].to_list() for d in P.window(store))
+
+
+def test_an_interrupted_forget_blocks_combine_until_rerun_and_reaches_deleted_days(days, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    _ingest_nights(days, store)
+    all_days = P.window(store)
+    user = 3
+
+    real = P.write_json
+    calls = []
+
+    def dies_at_the_first_state(path, obj):  # killed after the files' renames, before their counts
+        if "state" in Path(path).parts:
+            calls.append(path)
+            raise KeyboardInterrupt("killed")
+        return real(path, obj)
+
+    monkeypatch.setattr(P, "write_json", dies_at_the_first_state)
+    with pytest.raises(KeyboardInterrupt):
+        P.forget_store(store, [str(user)], CFG)
+    monkeypatch.setattr(P, "write_json", real)
+    assert calls and all(user not in pl.read_parquet(P.events_path(store, d))[S.USER_ID].to_list() for d in all_days)
+    with pytest.raises(P.IngestError, match="interrupted"):
+        P.combine(store, tmp_path / "view", CFG)
+    res = P.forget_store(store, [str(user)], CFG)  # the rerun: nothing left in the files, counts made whole
+    assert res["users_found"] == 1 and res["events_removed"] == 0  # found in the vocabulary
+    rep = P.combine(store, tmp_path / "view", CFG)
+    assert rep["rows_forgotten"] > 0
+    assert rep["rows_read"] == rep["rows_accepted"] + rep["rows_quarantined"] + rep["rows_duplicate"] + rep["rows_forgotten"]
+    q = pl.read_parquet(tmp_path / "view" / "quarantine.parquet")
+    assert str(user) not in q["user_id"].to_list()
+    assert Vocab.load(store / "vocab.json").users.null_count() == 1
+
+    # a user whose days retention deleted: only the vocabulary holds the id, and it goes too
+    P.drop_old(store, 1)
+    gone = [u for u in Vocab.load(store / "vocab.json").users.drop_nulls().to_list()
+            if u not in pl.read_parquet(P.events_path(store, all_days[-1]))[S.USER_ID].to_list()][0]
+    res = P.forget_store(store, [str(gone)], CFG)
+    assert (res["users_found"], res["events_removed"], res["changed"]) == (1, 0, True)
+    assert gone not in Vocab.load(store / "vocab.json").users.to_list()

@@ -27,7 +27,8 @@ def test_short_sparse_histories_get_a_smaller_model_shorter_window_and_larger_ba
     lengths = 3 + rng.poisson(4, 20000)  # median ~7, 20,000 users
     cfg, _ = resolve("bert4rec", BERT4RecConfig(), _seqs(lengths))
     assert cfg.dim == 64 and cfg.max_len == 20 and cfg.train.batch_size == 256
-    assert cfg.train.epochs == 20000 // 79 + 1 and cfg.train.eval_every == 13  # 79 steps an epoch
+    assert cfg.train.epochs == 20000 // 79 + 1 and cfg.train.eval_every == 5  # 79 steps an epoch: 1,000 steps
+    # would be 13 passes over the data between validations; at most 5
 
 
 def test_explicit_settings_win():
@@ -39,7 +40,8 @@ def test_explicit_settings_win():
     assert resolve("bert4rec", fixed, _seqs([5] * 100)) == (fixed, {})
 
 
-def test_a_tiny_log_is_validated_by_steps_not_epochs():
-    """477 users at batch 256 are 2 steps an epoch: validating every few epochs would stop it in its warm-up."""
+def test_a_tiny_log_is_validated_every_few_epochs():
+    """477 users at batch 256 are 2 steps an epoch: 1,000 steps between validations would be 500 passes, long
+    past the best epoch; it is validated every 5 (the warm-up spends no patience: test_models)."""
     cfg, _ = resolve("bert4rec", BERT4RecConfig(), _seqs([6] * 477))
-    assert cfg.train.batch_size == 256 and cfg.train.eval_every == 500 and cfg.train.epochs == 10000
+    assert cfg.train.batch_size == 256 and cfg.train.eval_every == 5 and cfg.train.epochs == 10000

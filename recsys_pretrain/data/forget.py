@@ -231,13 +231,15 @@ def read_marker(ingested_dir: str | Path) -> dict | None:
 
 
 def last_forget(paths: str | Path | Iterable[str | Path]) -> datetime | None:
-    """The time of the latest forget in these ingested directories; a directory that is not one itself (no
-    events.parquet) is searched one level down (`data/<name>/ingested`). None when there was none."""
+    """The time of the latest forget in these ingested directories or partition stores (a directory with
+    its own marker); any other directory is searched one level down (`data/<name>/ingested`). None when there
+    was none."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     dirs: list[Path] = []
     for p in map(Path, paths):
-        dirs += [p] if (p / "events.parquet").exists() else [c for c in sorted(p.glob("*")) if c.is_dir()]
+        own = (p / "events.parquet").exists() or (p / MARKER).exists()
+        dirs += [p] if own else [c for c in sorted(p.glob("*")) if c.is_dir()]
     times = [datetime.fromisoformat(m["last_forget_at"]) for m in map(read_marker, dirs) if m]
     return max(times, default=None)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -41,7 +42,7 @@ import polars as pl
 
 from recsys_pretrain import privacy
 from recsys_pretrain import schema as S
-from recsys_pretrain.config import IngestConfig
+from recsys_pretrain.config import IngestConfig, from_dict
 from recsys_pretrain.data.forget import MARKER as FORGOTTEN
 from recsys_pretrain.data.forget import (
     _check_key,
@@ -207,17 +208,15 @@ def ingest_partition(day: str, files: list[str | Path], store: str | Path, cfg: 
             n_dup = df.height - int(first.sum())
             if n_dup:
                 df = df.filter(first)
-        with atomic_path(events_path(store, day)) as tmp:
-            df.write_parquet(tmp, compression=PARQUET_COMPRESSION)
+        df.write_parquet(work / "events.parquet", compression=PARQUET_COMPRESSION)
 
         parts = [pl.scan_parquet(work / f"bad-{i:05d}.parquet") for i in range(len(sources))]
         quarantine = pl.concat(parts, how="diagonal_relaxed")
         if user_key is not None:  # as `ingest` does: tokens wherever a raw user id may sit
             quarantine = pseudonymise_quarantine(quarantine, sources, user_key, spec.id_type)
-        with atomic_path(quarantine_path(store, day)) as tmp:
-            quarantine.sink_parquet(tmp, engine="streaming")
+        quarantine.sink_parquet(work / "quarantine.parquet", engine="streaming")
 
-        q = pl.scan_parquet(quarantine_path(store, day))
+        q = pl.scan_parquet(work / "quarantine.parquet")
         by_reason = q.group_by(S.REASON).len().sort("len", descending=True).collect()
         per_file = []
         for i, src in enumerate(sources):
@@ -237,9 +236,14 @@ def ingest_partition(day: str, files: list[str | Path], store: str | Path, cfg: 
         }
         if report["rows_read"] != report["rows_accepted"] + report["rows_quarantined"] + report["rows_duplicate"]:
             raise AssertionError(f"row accounting broken: {report}")  # a bug, never bad input
-        state = {"day": day, "hash": digest, "inputs": files, "report": report, "ingested_at": time.time(),
-                 "seconds": round(time.perf_counter() - t0, 3)}
-        write_json(_state_path(store, day), state)  # last: commits the day
+        state = {"day": day, "hash": digest, "inputs": files, "report": report, "config": asdict(cfg),
+                 "ingested_at": time.time(), "seconds": round(time.perf_counter() - t0, 3)}
+        with _store_lock(store):  # publish: each file by one rename, the state last (it commits the day)
+            for src, dst in ((work / "events.parquet", events_path(store, day)),
+                             (work / "quarantine.parquet", quarantine_path(store, day))):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+            write_json(_state_path(store, day), state)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {**state, "skipped": False}
@@ -307,12 +311,13 @@ def drop_old(store: str | Path, retention_days: int | None) -> list[str]:
     """Delete the partitions (events, quarantine, state) older than the window. Their ids stay in the
     vocabulary (indices are forever). Returns the days deleted."""
     store = Path(store)
-    keep = set(window(store, retention_days))
-    gone = [d for d in read_states(store) if d not in keep]
-    for d in gone:
-        _state_path(store, d).unlink(missing_ok=True)  # first: an uncommitted day is never read
-        for p in (events_path(store, d), quarantine_path(store, d)):
-            shutil.rmtree(p.parent, ignore_errors=True)
+    with _store_lock(store):
+        keep = set(window(store, retention_days))
+        gone = [d for d in read_states(store) if d not in keep]
+        for d in gone:
+            _state_path(store, d).unlink(missing_ok=True)  # first: an uncommitted day is never read
+            for p in (events_path(store, d), quarantine_path(store, d)):
+                shutil.rmtree(p.parent, ignore_errors=True)
     return gone
 
 
@@ -320,83 +325,101 @@ def drop_old(store: str | Path, retention_days: int | None) -> list[str]:
 def forget_store(store: str | Path, user_ids: list, cfg: IngestConfig, key: bytes | None = None) -> dict:
     """Remove `user_ids` (raw ids; hashed with `key` when the store was ingested with one) from every
     partition of `store`: their events and quarantined rows (as `forget` finds them in an ingested
-    directory), each day's files replaced by one rename, its state's counts moved to `rows_forgotten`
-    (rows_read == rows_accepted + rows_quarantined + rows_duplicate + rows_forgotten per day). Their
-    vocabulary entries become null: indices are forever, so the slot stays and no id is left in it. The
-    store's FORGOTTEN.json (written before any day is rewritten) changes the window key, so the next
-    combine writes a new window, which carries the marker: the flow then trains from scratch.
+    directory; each day's own ingest settings, kept in its state, say where a user id sits), each day's files
+    replaced by one rename, its state's counts moved to `rows_forgotten` (rows_read == rows_accepted +
+    rows_quarantined + rows_duplicate + rows_forgotten per day). Their vocabulary entries become null: indices
+    are forever, so the slot stays and no id is left in it (also for users whose days retention deleted).
 
-    Days ingested later from raw logs that still hold the users bring them back (under a new index): purge
-    the raw logs at their source too. Windows combined before the forget still hold the users; forget them
-    with `forget` (the CLI takes the store and the ingested windows in one call). Returns counts, never ids,
-    as `forget` does, with `days_rewritten`."""
+    The store's FORGOTTEN.json is written first, marked pending, and completed last: `combine` refuses a
+    store with a pending forget (a forget killed midway: run it again; the rerun recounts every day from its
+    files). Ingest, retention and combine wait for a running forget (they take the same lock). The marker
+    changes the window key, so the next combine writes a new window, which carries it: the flow then trains
+    from scratch. Days ingested later from raw logs that still hold the users bring them back (under a new
+    index): purge the raw logs at their source too. Windows combined before the forget still hold the users;
+    forget them with `forget` (the CLI takes the store and the windows in one call). Returns counts, never
+    ids, as `forget` does, with `days_rewritten`."""
     store = Path(store)
-    states = read_states(store)
-    if not states:
-        raise FileNotFoundError(f"{store}: no ingested days; forget_store works on a partition store")
+    if not (store / STATE).is_dir():
+        raise FileNotFoundError(f"{store}: no {STATE}/ directory; forget_store works on a partition store")
     user_ids = list(user_ids)
     if not user_ids:
         raise ValueError("forget: no user ids given")
-    for day, state in states.items():
-        _check_key(_state_path(store, day), state["report"].get("user_ids", "raw"), key)
-    stored = _stored_ids(user_ids, key, resolve_spec(cfg).id_type)
-    # a combine reads the days under this lock too: it never mixes days from before and after a forget
-    with file_lock(store / ".forget.lock"), file_lock(store / ".vocab.lock"):
+    with _store_lock(store), file_lock(store / ".vocab.lock"):
         states = read_states(store)
-        dtype = pl.scan_parquet(events_path(store, next(iter(states)))).collect_schema()[S.USER_ID]
-        typed = _typed(stored, dtype)  # as the events' user column holds them
-        wanted = pl.Series([v for v in typed if v is not None], dtype=dtype)
-        in_ev = pl.col(S.USER_ID).is_in(wanted.implode())
+        for day, state in states.items():
+            _check_key(_state_path(store, day), state["report"].get("user_ids", "raw"), key)
+        stored = _stored_ids(user_ids, key, resolve_spec(cfg).id_type)
+        vocab = load_vocab(store, resolve_spec(cfg).id_type)
+        typed = _typed(stored, vocab.users.dtype)  # as the user columns hold them
+        known = [v for v in typed if v is not None]
+        slots = vocab.user_index(pl.Series(known, dtype=vocab.users.dtype), strict=False) if known else np.array([])
+        in_vocab = {v for v, i in zip(known, slots, strict=True) if i >= 0}
+        wanted = pl.Series(known, dtype=vocab.users.dtype)
         todo, in_events, in_quarantine = {}, set(), set()
-        for day in states:
+        for day, state in states.items():
+            day_cfg = from_dict(IngestConfig, state["config"]) if "config" in state else cfg
             ev = pl.scan_parquet(events_path(store, day))
+            in_ev = pl.col(S.USER_ID).is_in(wanted.implode())
             found = ev.filter(in_ev).group_by(S.USER_ID).len().collect()
             q = pl.scan_parquet(quarantine_path(store, day))
-            in_q, q_found = _quarantine_hits(q, cfg, stored, key)
+            in_q, q_found = _quarantine_hits(q, day_cfg, stored, key)
             n_q = q.filter(in_q).select(pl.len()).collect().item()
             in_events |= set(found[S.USER_ID].to_list())
             in_quarantine |= q_found
             if found.height or n_q:
-                todo[day] = (ev, int(found["len"].sum()) if found.height else 0, q, in_q, n_q)
-        hit = [(t is not None and t in in_events) or (s is not None and s in in_quarantine)
+                todo[day] = (ev, int(found["len"].sum()), q, in_q, n_q)
+        hit = [(t is not None and (t in in_events or t in in_vocab)) or (s is not None and s in in_quarantine)
                for s, t in zip(stored, typed, strict=True)]
         result = {"dir": str(store), "users_requested": len(user_ids),
                   "users_found": len({s for s, h in zip(stored, hit, strict=True) if h}),
                   "not_found": [i for i, h in enumerate(hit) if not h],
                   "events_removed": sum(t[1] for t in todo.values()),
                   "quarantine_removed": sum(t[4] for t in todo.values()),
-                  "items_dropped": 0, "days_rewritten": sorted(todo), "changed": bool(todo)}
-        if not todo:
+                  "items_dropped": 0, "days_rewritten": sorted(todo), "changed": bool(todo or in_vocab)}
+        old = read_marker(store)
+        if not result["changed"] and not (old or {}).get("pending"):
             return result
-        marker = _marker(store, result)
-        write_json(store / FORGOTTEN, marker)  # first: from here on no night warm-starts from older weights
-
-        for day, (ev, n_ev, q, in_q, n_q) in todo.items():
+        marker = _marker(store, result) if result["changed"] else old
+        # first: from here on no night warm-starts from older weights, and no window is combined until done
+        write_json(store / FORGOTTEN, {**marker, "pending": True})
+        for day, (ev, _, q, in_q, _) in todo.items():
             with atomic_path(events_path(store, day)) as tmp:
-                ev.filter(~in_ev).sink_parquet(tmp, compression=PARQUET_COMPRESSION)
+                ev.filter(~pl.col(S.USER_ID).is_in(wanted.implode())).sink_parquet(tmp, compression=PARQUET_COMPRESSION)
             with atomic_path(quarantine_path(store, day)) as tmp:
                 q.filter(~in_q).sink_parquet(tmp)
-            state = states[day]
-            rep = state["report"]
-            by_reason = (pl.scan_parquet(quarantine_path(store, day)).group_by(S.REASON).len()
-                         .sort("len", descending=True).collect())
-            rep.update(rows_accepted=rep["rows_accepted"] - n_ev, rows_quarantined=rep["rows_quarantined"] - n_q,
-                       rows_forgotten=rep.get("rows_forgotten", 0) + n_ev + n_q,
-                       quarantine_by_reason=dict(zip(by_reason[S.REASON].to_list(), by_reason["len"].to_list(),
-                                                     strict=True)))
-            if rep["rows_read"] != (rep["rows_accepted"] + rep["rows_quarantined"] + rep["rows_duplicate"]
-                                    + rep["rows_forgotten"]):
-                raise AssertionError(f"forget: row accounting broken for {day}")  # a bug
-            state["forgotten"] = marker["generation"]
-            write_json(_state_path(store, day), state)
-
-        vocab_path = store / "vocab.json"
-        if vocab_path.exists() and in_events:
-            vocab = Vocab.load(vocab_path)
-            idx = vocab.user_index(pl.Series(sorted(in_events), dtype=vocab.users.dtype), strict=False)
-            users = vocab.users.scatter(idx[idx >= 0], None)
-            Vocab(users=users, items=vocab.items).save(vocab_path)
+        for day, state in states.items():  # every day: also one a killed forget rewrote but did not count
+            if _recount(store, day, state) or day in todo:
+                state["forgotten"] = marker["generation"]
+                write_json(_state_path(store, day), state)
+        if in_vocab:
+            idx = vocab.user_index(pl.Series(sorted(in_vocab), dtype=vocab.users.dtype), strict=False)
+            Vocab(users=vocab.users.scatter(idx[idx >= 0], None), items=vocab.items).save(store / "vocab.json")
+        write_json(store / FORGOTTEN, marker)  # last: complete
     return result
+
+
+def _recount(store: Path, day: str, state: dict) -> bool:
+    """Set a day's accepted and quarantined counts from its files, the difference to what was read counted
+    as forgotten. Returns whether they changed."""
+    rep = state["report"]
+    n_ev = pl.scan_parquet(events_path(store, day)).select(pl.len()).collect().item()
+    q = pl.scan_parquet(quarantine_path(store, day))
+    n_q = q.select(pl.len()).collect().item()
+    if (n_ev, n_q) == (rep["rows_accepted"], rep["rows_quarantined"]):
+        return False
+    by_reason = q.group_by(S.REASON).len().sort("len", descending=True).collect()
+    rep.update(rows_accepted=n_ev, rows_quarantined=n_q,
+               rows_forgotten=rep["rows_read"] - n_ev - n_q - rep["rows_duplicate"],
+               quarantine_by_reason=dict(zip(by_reason[S.REASON].to_list(), by_reason["len"].to_list(), strict=True)))
+    if rep["rows_forgotten"] < 0:
+        raise AssertionError(f"forget: row accounting broken for {day}")  # a bug
+    return True
+
+
+def _store_lock(store: Path):
+    """Held by a forget for its whole run, and by ingest's and retention's publishing and by combine: none of
+    them sees a store half rewritten by a forget."""
+    return file_lock(store / ".forget.lock")
 
 
 # ---- across partitions ------------------------------------------------------------------------------------
@@ -453,12 +476,26 @@ def combine(store: str | Path, out: str | Path, cfg: IngestConfig, days: list[st
     `partition_rows` events at a time (memory bounded by the range, plus 24 bytes an event for k-core).
     Returns its report (rows_read == rows_accepted + rows_quarantined + rows_duplicate over the window)."""
     store = Path(store)
-    with file_lock(store / ".forget.lock"):  # never a window of days from before and after a forget
+    with _store_lock(store):  # never a window of days from before and after a forget
         return _combine(store, out, cfg, days, force)
+
+
+def combined_window(store: str | Path, ingested_root: str | Path, cfg: IngestConfig, days: list[str]) -> Path:
+    """The window `days` combined into `ingested_root/p-<window key>`: reused when that window was written
+    before, else combined now; key and content are taken under one lock, so a forget cannot slip between."""
+    store = Path(store)
+    with _store_lock(store):
+        out = Path(ingested_root) / ("p-" + window_key(store, days, cfg)[:14])
+        if not (out / "report.json").exists():
+            _combine(store, out, cfg, days, False)
+    return out
 
 
 def _combine(store: Path, out: str | Path, cfg: IngestConfig, days: list[str] | None, force: bool) -> dict:
     t0 = time.perf_counter()
+    if (read_marker(store) or {}).get("pending"):
+        raise IngestError(f"{store}: a forget was interrupted before it finished; run `recsys-pretrain forget` "
+                          "with the same users again, then combine")
     states = read_states(store)
     days = list(states) if days is None else list(days)
     missing = [d for d in days if d not in states]

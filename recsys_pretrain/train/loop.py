@@ -289,7 +289,7 @@ def fit(
                     if best_path is not None:
                         save_checkpoint(best_path, {"model": best_state, "epoch": epoch, "metrics": metrics,
                                                     "fingerprint": ident})
-                else:
+                elif sched.last_epoch >= cfg.warmup_steps:  # no patience spent while the rate is still warming up
                     state.bad_evals += 1
             state.elapsed += time.perf_counter() - t0
             row["elapsed_s"] = state.elapsed
