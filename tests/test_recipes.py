@@ -2,6 +2,7 @@
 histories differently, and never override an explicit setting."""
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -28,7 +29,8 @@ def test_short_sparse_histories_get_a_smaller_model_shorter_window_and_larger_ba
     cfg, _ = resolve("bert4rec", BERT4RecConfig(), _seqs(lengths))
     assert cfg.dim == 64 and cfg.max_len == 20 and cfg.train.batch_size == 256
     assert cfg.train.epochs == 20000 // 79 + 1 and cfg.train.eval_every == 5  # 79 steps an epoch: 1,000 steps
-    # would be 13 passes over the data between validations; at most 5
+    # would be 13 passes over the data between validations; at most 5, and the patience waits as many steps
+    assert cfg.train.patience == math.ceil(BERT4RecConfig().train.patience * 13 / 5)
 
 
 def test_explicit_settings_win():
@@ -45,3 +47,4 @@ def test_a_tiny_log_is_validated_every_few_epochs():
     past the best epoch; it is validated every 5 (the warm-up spends no patience: test_models)."""
     cfg, _ = resolve("bert4rec", BERT4RecConfig(), _seqs([6] * 477))
     assert cfg.train.batch_size == 256 and cfg.train.eval_every == 5 and cfg.train.epochs == 10000
+    assert cfg.train.patience == BERT4RecConfig().train.patience * 500 // 5  # still ~patience x 1,000 steps
