@@ -327,3 +327,27 @@ def test_an_interrupted_forget_blocks_combine_until_rerun_and_reaches_deleted_da
     res = P.forget_store(store, [str(gone)], CFG)
     assert (res["users_found"], res["events_removed"], res["changed"]) == (1, 0, True)
     assert gone not in Vocab.load(store / "vocab.json").users.to_list()
+
+
+def test_forget_in_a_pseudonymised_store_needs_the_key_and_removes_the_tokens(days, tmp_path, monkeypatch):
+    from recsys_pretrain import privacy
+
+    monkeypatch.setenv("RECSYS_TEST_PART_KEY", "a-partition-test-key-0042")
+    cfg = dataclasses.replace(CFG, pseudonymise_key_env="RECSYS_TEST_PART_KEY")
+    key = privacy.key_from_config(cfg)
+    store = tmp_path / "store"
+    for day, fs in P.plan(days, store, cfg).items():
+        P.ingest_partition(day, fs, store, cfg)
+    P.update_vocab(store, "int")
+    tok = privacy.token("3", key)  # user 3: events on several days, a quarantined row on day 3
+    assert any(tok in pl.read_parquet(P.events_path(store, d))[S.USER_ID].to_list() for d in P.window(store))
+    with pytest.raises(privacy.PrivacyError, match="pseudonymised"):
+        P.forget_store(store, ["3"], cfg)
+    res = P.forget_store(store, ["3"], cfg, key=key)
+    assert res["users_found"] == 1 and res["events_removed"] > 0 and res["quarantine_removed"] == 1
+    for d in P.window(store):
+        assert tok not in pl.read_parquet(P.events_path(store, d))[S.USER_ID].to_list()
+        assert tok not in pl.read_parquet(P.quarantine_path(store, d))["user_id"].to_list()
+    assert tok not in Vocab.load(store / "vocab.json").users.to_list()
+    rep = P.combine(store, tmp_path / "view", cfg)
+    assert rep["rows_read"] == rep["rows_accepted"] + rep["rows_quarantined"] + rep["rows_duplicate"] + rep["rows_forgotten"]

@@ -350,11 +350,15 @@ def forget_store(store: str | Path, user_ids: list, cfg: IngestConfig, key: byte
             _check_key(_state_path(store, day), state["report"].get("user_ids", "raw"), key)
         stored = _stored_ids(user_ids, key, resolve_spec(cfg).id_type)
         vocab = load_vocab(store, resolve_spec(cfg).id_type)
-        typed = _typed(stored, vocab.users.dtype)  # as the user columns hold them
+        dtype = (pl.scan_parquet(events_path(store, next(iter(states)))).collect_schema()[S.USER_ID] if states
+                 else vocab.users.dtype)  # tokens are text whatever the raw ids' type
+        typed = _typed(stored, dtype)  # as the user columns hold them
         known = [v for v in typed if v is not None]
-        slots = vocab.user_index(pl.Series(known, dtype=vocab.users.dtype), strict=False) if known else np.array([])
-        in_vocab = {v for v, i in zip(known, slots, strict=True) if i >= 0}
-        wanted = pl.Series(known, dtype=vocab.users.dtype)
+        wanted = pl.Series(known, dtype=dtype)
+        in_vocab = set()
+        if known and vocab.n_users and vocab.users.dtype == dtype:
+            slots = vocab.user_index(wanted, strict=False)
+            in_vocab = {v for v, i in zip(known, slots, strict=True) if i >= 0}
         todo, in_events, in_quarantine = {}, set(), set()
         for day, state in states.items():
             day_cfg = from_dict(IngestConfig, state["config"]) if "config" in state else cfg
