@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, run_child, write_results  # noqa: E402
+from _common import CACHE, RESULTS, run_child, write_results  # noqa: E402
 
 SYNTH = """
 from pathlib import Path
@@ -133,7 +133,14 @@ def main() -> None:
     ap.add_argument("--retention-days", type=int, default=None,
                     help="train on the last N days only (flow.retention_days); default: every day")
     ap.add_argument("--name", default="ingest_nightly")
+    ap.add_argument("--render", action="store_true", help="rewrite NAME.md from NAME.json; run nothing")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads((RESULTS / f"{args.name}.json").read_text())
+        text = (RESULTS / f"{args.name}.md").read_text()
+        header = text[: text.index("# Nightly ingestion")]
+        (RESULTS / f"{args.name}.md").write_text(header + markdown(res))
+        return
     keep = args.retention_days or args.days
     base = CACHE / f"nightly-{args.days}x{int(args.per_day)}"
     if not (base / "files.json").exists():
@@ -201,13 +208,16 @@ def markdown(res: dict) -> str:
         first, last = full_nights[0], full_nights[-1]
         secs = [n["incremental"]["seconds"] for n in full_nights]
         peaks = [n["incremental"]["peak_rss_mib"] for n in full_nights]
-        growth = (f"**Once the window is full (nights {w} to {last['night']}) the incremental night is flat:** "
-                  f"{min(secs):.1f} to {max(secs):.1f} s and {min(peaks):,.0f} to {max(peaks):,.0f} MiB peak, "
-                  f"night {last['night']} against night {first['night']}: "
-                  f"{last['incremental']['seconds'] / first['incremental']['seconds']:.2f}x the time, "
-                  f"{last['incremental']['peak_rss_mib'] / first['incremental']['peak_rss_mib']:.2f}x the memory, while "
-                  f"the history ingested grew {last['night'] / first['night']:.1f}x. The cost follows the window, not "
-                  "the history: the store keeps every day, each ingested once.")
+        rows_ = [n["rows_in_window"] for n in full_nights]
+        per_m = [n["incremental"]["seconds"] / (n["rows_in_window"] / 1e6) for n in full_nights]
+        growth = (f"**Once the window is full (nights {w} to {last['night']}) the incremental night no longer grows "
+                  f"with the history:** {min(secs):.1f} to {max(secs):.1f} s and {min(peaks):,.0f} to {max(peaks):,.0f} "
+                  f"MiB peak while the history ingested grew {last['night'] / first['night']:.1f}x; what moves is the "
+                  f"window's own size ({min(rows_) / 1e6:.1f}M to {max(rows_) / 1e6:.1f}M rows: the generated log is "
+                  f"thinner at its ends), at {min(per_m):.2f} to {max(per_m):.2f} s per million window rows. The store "
+                  "keeps every day, each ingested once; at this scale the incremental night costs about what "
+                  "re-ingesting the window costs (ingest saved, combine spent), and its memory is bounded by the "
+                  "window as the full path's is.")
     else:
         window = "Night n is given days 1..n and trains on all of them (no retention)."
         growth = ("Without retention the window is the whole history: the incremental night ingests the new day "
