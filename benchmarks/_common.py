@@ -82,6 +82,13 @@ def write_results(name: str, payload: dict, markdown: str) -> None:
     write_text(RESULTS / f"{name}.md", header + markdown)
 
 
+def rerender(name: str, title: str, markdown) -> None:
+    """Rewrite RESULTS/NAME.md from NAME.json with `markdown(result)`, keeping the run's own header (command,
+    date, machine) above the line that starts with `title`."""
+    res = json.loads((RESULTS / f"{name}.json").read_text())
+    text = (RESULTS / f"{name}.md").read_text()
+    (RESULTS / f"{name}.md").write_text(text[: text.index(title)] + markdown(res))
+
 def now() -> float:
     return time.perf_counter()
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, RESULTS, run_child, write_results  # noqa: E402
+from _common import CACHE, rerender, run_child, write_results  # noqa: E402
 
 SYNTH = """
 from pathlib import Path
@@ -136,10 +136,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rewrite NAME.md from NAME.json; run nothing")
     args = ap.parse_args()
     if args.render:
-        res = json.loads((RESULTS / f"{args.name}.json").read_text())
-        text = (RESULTS / f"{args.name}.md").read_text()
-        header = text[: text.index("# Nightly ingestion")]
-        (RESULTS / f"{args.name}.md").write_text(header + markdown(res))
+        rerender(args.name, "# Nightly ingestion", markdown)
         return
     keep = args.retention_days or args.days
     base = CACHE / f"nightly-{args.days}x{int(args.per_day)}"

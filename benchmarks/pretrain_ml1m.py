@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, DATASETS, RESULTS, ROOT, write_results  # noqa: E402
+from _common import CACHE, DATASETS, RESULTS, ROOT, rerender, write_results  # noqa: E402
 
 from recsys_pretrain.checkpoint import build_model  # noqa: E402
 from recsys_pretrain.config import IngestConfig, PrepareConfig, load_config  # noqa: E402
@@ -340,10 +340,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="rewrite NAME.md from NAME.json; train nothing")
     args = ap.parse_args()
     if args.render:
-        res = json.loads((RESULTS / f"{args.name}.json").read_text())
-        text = (RESULTS / f"{args.name}.md").read_text()
-        header = text[: text.index("# ML-1M pretraining")]
-        (RESULTS / f"{args.name}.md").write_text(header + markdown(res))
+        rerender(args.name, "# ML-1M pretraining", markdown)
         return
     torch.set_num_threads(2)
     prep = data_ready()
