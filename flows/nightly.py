@@ -1,5 +1,5 @@
-"""The nightly flow: ingest -> quality gate -> prepare -> pretrain mf and bert4rec -> promotion gate ->
-fine-tune -> build and publish the index. Orchestration only: every task calls one library function
+"""The nightly flow: ingest -> quality gate -> prepare -> pretrain mf and sasrec (flow.models) -> promotion
+gate -> fine-tune -> build and publish the index. Orchestration only: every task calls one library function
 from `recsys_pretrain.nightly` and passes paths, run ids and small dicts.
 
     python -m flows.nightly --config configs/default.yaml        # once, on Prefect's local API

@@ -77,7 +77,9 @@ class PrepareConfig:
 class _PretrainSettings:
     """The pretraining stage's own settings; `PretrainConfig` adds one section per registered model."""
 
-    model: str = "bert4rec"  # a name in recsys_pretrain.models.MODELS
+    # a name in recsys_pretrain.models.MODELS; sasrec led bert4rec on every suite dataset both ran on
+    # (benchmarks/results/suite_cadence.md, suite_ml1m_sasrec_idle.md)
+    model: str = "sasrec"
     experiment: str | None = None  # MLflow experiment; None = named after the dataset
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
     warm_epoch_share: float = 0.25  # a warm-started run trains this share of the epoch budget
@@ -154,12 +156,12 @@ class GateConfig:
 @dataclass(frozen=True)
 class FlowConfig:
     inputs: tuple[str, ...] = ()  # raw logs; empty = generate the synthetic log (`synth`)
-    models: tuple[str, ...] = ("mf", "bert4rec")  # names in recsys_pretrain.models.MODELS, trained in this order
+    models: tuple[str, ...] = ("mf", "sasrec")  # names in recsys_pretrain.models.MODELS, trained in this order
     # the index published for serving is the champion of the first of these that has one
-    serving_order: tuple[str, ...] = ("bert4rec", "mf")
+    serving_order: tuple[str, ...] = ("sasrec", "bert4rec", "mf")
     finetune: bool = True
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
-    registry_prefix: str = "recsys"  # registered models: <prefix>-mf, <prefix>-bert4rec, <prefix>-ranker
+    registry_prefix: str = "recsys"  # registered models: <prefix>-mf, <prefix>-sasrec, <prefix>-ranker
     schedule_cron: str = "0 2 * * *"  # nightly at 02:00
     # Warm start: pretrain from the champion's weights when at least this share of tonight's items is known
     # to it, except every `full_retrain_every`-th night (counted in data/<name>/state.json), which trains
@@ -288,7 +290,7 @@ class TuneConfig:
     """The hyper-parameter search over one model's pretraining (recsys_pretrain/tune.py): Optuna's TPE
     sampler, trials pruned on their per-epoch validation NDCG@10, within a total wall-clock budget."""
 
-    model: str = "bert4rec"  # a name in recsys_pretrain.models.MODELS
+    model: str = "sasrec"  # a name in recsys_pretrain.models.MODELS
     minutes: float = 60.0  # total budget: no trial starts unless its cap (plus export) still fits
     trial_max_minutes: float | None = None  # per-trial cap, the model's train.max_minutes; None = minutes / 4
     n_trials: int | None = None  # at most this many trials; None = as many as the budget allows

@@ -97,9 +97,12 @@ def test_space_keys_are_checked_before_any_trial(tiny_prepared, tmp_path, capsys
     with pytest.raises(ConfigError, match="type 'uniform'"):
         resolve_space(load_config(None, ["tune.model=mf", "tune.space.mf.dim={type: uniform}"]).tune,
                       base.pretrain)
-    # the default spaces are valid for both models
+    # the default spaces are valid for every model (sasrec is the default one)
     default = load_config(None)
     assert set(resolve_space(default.tune, default.pretrain)) == {
+        "sasrec.train.lr", "sasrec.dim", "sasrec.max_len", "sasrec.dropout", "sasrec.train.batch_size"}
+    b4r = load_config(None, ["tune.model=bert4rec"])
+    assert set(resolve_space(b4r.tune, b4r.pretrain)) == {
         "bert4rec.train.lr", "bert4rec.dim", "bert4rec.max_len", "bert4rec.mask_prob", "bert4rec.dropout",
         "bert4rec.train.batch_size"}
     softmax = load_config(None, ["tune.model=mf", "pretrain.mf.loss=softmax"])
