@@ -77,8 +77,8 @@ class PrepareConfig:
 class _PretrainSettings:
     """The pretraining stage's own settings; `PretrainConfig` adds one section per registered model."""
 
-    # a name in recsys_pretrain.models.MODELS; sasrec led bert4rec on every suite dataset both ran on
-    # (benchmarks/results/suite_cadence.md, suite_ml1m_sasrec_idle.md)
+    # a name in recsys_pretrain.models.MODELS; sasrec led bert4rec on five suite datasets and was level on ML-100k
+    # (benchmarks/results/suite_cadence.md, suite_ml1m_sasrec_idle.md, suite_sasrec_rest.md)
     model: str = "sasrec"
     experiment: str | None = None  # MLflow experiment; None = named after the dataset
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI, else sqlite in data_dir
