@@ -217,7 +217,7 @@ def ingest_partition(day: str, files: list[str | Path], store: str | Path, cfg: 
         quarantine.sink_parquet(work / "quarantine.parquet", engine="streaming")
 
         q = pl.scan_parquet(work / "quarantine.parquet")
-        by_reason = q.group_by(S.REASON).len().sort("len", descending=True).collect()
+        by_reason = _by_reason(q)
         per_file = []
         for i, src in enumerate(sources):
             n_bad = pl.scan_parquet(work / f"bad-{i:05d}.parquet").select(pl.len()).collect().item()
@@ -227,10 +227,10 @@ def ingest_partition(day: str, files: list[str | Path], store: str | Path, cfg: 
             "day": day,
             "rows_read": sum(f["rows_read"] for f in per_file),
             "rows_accepted": df.height,
-            "rows_quarantined": int(by_reason["len"].sum()),
+            "rows_quarantined": sum(by_reason.values()),
             "rows_duplicate": n_dup,
             "has_timestamps": has_time,
-            "quarantine_by_reason": dict(zip(by_reason[S.REASON].to_list(), by_reason["len"].to_list(), strict=True)),
+            "quarantine_by_reason": by_reason,
             "files": per_file,
             "user_ids": privacy.REPORT_NOTE if user_key is not None else "raw",
         }
@@ -355,6 +355,7 @@ def forget_store(store: str | Path, user_ids: list, cfg: IngestConfig, key: byte
         typed = _typed(stored, dtype)  # as the user columns hold them
         known = [v for v in typed if v is not None]
         wanted = pl.Series(known, dtype=dtype)
+        in_ev = pl.col(S.USER_ID).is_in(wanted.implode())
         in_vocab = set()
         if known and vocab.n_users and vocab.users.dtype == dtype:
             slots = vocab.user_index(wanted, strict=False)
@@ -363,7 +364,6 @@ def forget_store(store: str | Path, user_ids: list, cfg: IngestConfig, key: byte
         for day, state in states.items():
             day_cfg = from_dict(IngestConfig, state["config"]) if "config" in state else cfg
             ev = pl.scan_parquet(events_path(store, day))
-            in_ev = pl.col(S.USER_ID).is_in(wanted.implode())
             found = ev.filter(in_ev).group_by(S.USER_ID).len().collect()
             q = pl.scan_parquet(quarantine_path(store, day))
             in_q, q_found = _quarantine_hits(q, day_cfg, stored, key)
@@ -388,7 +388,7 @@ def forget_store(store: str | Path, user_ids: list, cfg: IngestConfig, key: byte
         write_json(store / FORGOTTEN, {**marker, "pending": True})
         for day, (ev, _, q, in_q, _) in todo.items():
             with atomic_path(events_path(store, day)) as tmp:
-                ev.filter(~pl.col(S.USER_ID).is_in(wanted.implode())).sink_parquet(tmp, compression=PARQUET_COMPRESSION)
+                ev.filter(~in_ev).sink_parquet(tmp, compression=PARQUET_COMPRESSION)
             with atomic_path(quarantine_path(store, day)) as tmp:
                 q.filter(~in_q).sink_parquet(tmp)
         for day, state in states.items():  # every day: also one a killed forget rewrote but did not count
@@ -411,14 +411,19 @@ def _recount(store: Path, day: str, state: dict) -> bool:
     n_q = q.select(pl.len()).collect().item()
     if (n_ev, n_q) == (rep["rows_accepted"], rep["rows_quarantined"]):
         return False
-    by_reason = q.group_by(S.REASON).len().sort("len", descending=True).collect()
     rep.update(rows_accepted=n_ev, rows_quarantined=n_q,
                rows_forgotten=rep["rows_read"] - n_ev - n_q - rep["rows_duplicate"],
-               quarantine_by_reason=dict(zip(by_reason[S.REASON].to_list(), by_reason["len"].to_list(), strict=True)))
+               quarantine_by_reason=_by_reason(q))
     if rep["rows_forgotten"] < 0:
         raise AssertionError(f"forget: row accounting broken for {day}")  # a bug
     return True
 
+
+
+def _by_reason(q: pl.LazyFrame) -> dict[str, int]:
+    """A quarantine's rows counted by reason, most first."""
+    counts = q.group_by(S.REASON).len().sort("len", descending=True).collect()
+    return dict(zip(counts[S.REASON].to_list(), counts["len"].to_list(), strict=True))
 
 def _store_lock(store: Path):
     """Held by a forget for its whole run, and by ingest's and retention's publishing and by combine: none of
